@@ -41,10 +41,9 @@ def dsu_to_char(unit: int) -> str:
 
 def char_to_dsu(char: str) -> int:
     """The DSU index of a Private Use Area character (inverse of `dsu_to_char`)."""
-    unit = ord(char) - DSU_CHAR_OFFSET
-    if len(char) != 1 or not 0 <= unit < MAX_DSUS:
+    if len(char) != 1 or not is_dsu_char(char):
         raise VocabError(f"{char!r} is not a DSU character (U+F0000..U+FFFFD)")
-    return unit
+    return ord(char) - DSU_CHAR_OFFSET
 
 
 def is_dsu_char(char: str) -> bool:
