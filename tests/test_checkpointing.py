@@ -1,0 +1,561 @@
+"""The torchtune model builder and the HF-directory checkpointer, checked against transformers on real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torchtune.modules import TiedLinear
+from transformers import AutoModelForCausalLM
+
+import ssi.checkpointing as ckpt_mod
+from ssi.checkpointing import (
+    CheckpointError,
+    SpeechCheckpointer,
+    build_model,
+    list_checkpoints,
+    load_training_state,
+    prune_checkpoints,
+    read_architecture,
+    resolve_checkpoint,
+)
+from ssi.extend import extend_model_dir
+from ssi.hf_dir import SAFETENSORS_INDEX, read_json, read_safetensors_header, save_tensors, write_json
+from ssi.testing import LLAMA_3_2_1B, LlamaShape, hub_config
+from ssi.tokens import MANIFEST_NAME
+
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "original/tokenizer.model",
+    "original/params.json",
+    MANIFEST_NAME,
+)
+
+
+@pytest.fixture(scope="module")
+def untied_extended_dir(untied_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bf16, untied output head, sharded (7 tensors per file), 300 DSUs."""
+    return extend_model_dir(untied_base_dir, tmp_path_factory.mktemp("untied-ext") / "ext", 300, progress=False)
+
+
+def input_ids(vocab_size: int, seq_len: int = 48, seed: int = 0) -> torch.Tensor:
+    """Ids spread over the whole vocabulary, DSU and modality rows included."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (2, seq_len), generator=gen)
+    ids[:, -2:] = torch.tensor([vocab_size - 1, vocab_size - 2])
+    return ids
+
+
+def loaded_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    with torch.device("cpu"):
+        model = build_model(model_dir).to(dtype)
+    model.load_state_dict(SpeechCheckpointer(model_dir, progress=False).load_checkpoint()["model"])
+    return model.eval()
+
+
+def hf_logits(model_dir: Path, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def tune_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)
+
+
+def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Change every weight, as training would, so a saved checkpoint cannot pass by echoing its source."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.01)
+    return model
+
+
+def safetensors_of_file(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(path, framework="pt") as f:
+        # cloned: the tensors may be mapped from the file, which some tests then rewrite
+        return {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+
+
+def safetensors_of(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        tensors |= safetensors_of_file(path)
+    return tensors
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_json(path: Path, **changes: object) -> None:
+    data = read_json(path)
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    write_json(path, data)
+
+
+# --- build_model ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["tiny_extended_dir", "untied_extended_dir"])
+def test_model_matches_transformers(fixture: str, request: pytest.FixtureRequest) -> None:
+    model_dir = request.getfixturevalue(fixture)
+    model = loaded_model(model_dir)
+    arch = read_architecture(model_dir)
+    assert isinstance(model.output, TiedLinear) == arch.tie_word_embeddings
+    ids = input_ids(arch.vocab_size)
+    torch.testing.assert_close(tune_logits(model, ids), hf_logits(model_dir, ids), atol=1e-5, rtol=0)
+
+
+ROPE_CONFIGS = {
+    # transformers 5 spelling: rope_theta inside rope_parameters; factors unlike the builder's defaults
+    "llama3-custom": {
+        "rope_scaling": None,
+        "rope_theta": None,
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "low_freq_factor": 2.0,
+            "high_freq_factor": 16.0,
+            "original_max_position_embeddings": 256,
+        },
+    },
+    # Llama 3.0: plain RoPE, no scaling
+    "unscaled": {"rope_scaling": None, "rope_theta": 500000.0},
+}
+
+
+@pytest.mark.parametrize("rope", sorted(ROPE_CONFIGS))
+def test_rope_configuration_is_honoured(rope: str, tiny_extended_dir: Path, tmp_path: Path) -> None:
+    model_dir = copy_dir(tiny_extended_dir, tmp_path / "model")
+    edit_json(model_dir / "config.json", **ROPE_CONFIGS[rope])
+    model = loaded_model(model_dir)
+    ids = input_ids(read_architecture(model_dir).vocab_size, seq_len=256)
+    logits, reference = tune_logits(model, ids), hf_logits(model_dir, ids)
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+    # the same weights under the hub's rope differ by far more than the tolerance: the check has teeth
+    hub_rope = loaded_model(tiny_extended_dir)
+    hub_rope.load_state_dict(model.state_dict())
+    error = (logits - reference).abs().max()
+    assert (tune_logits(hub_rope, ids) - reference).abs().max() > 10 * max(error, 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("shape", "n_params"),
+    [(LLAMA_3_2_1B, 1_235_814_400), (LlamaShape(3072, 28, 24, 8, 1.0, 256), 3_212_749_824)],
+    ids=["Llama-3.2-1B", "Llama-3.2-3B"],
+)
+def test_build_model_at_real_sizes(shape: LlamaShape, n_params: int) -> None:
+    """Published parameter counts of Llama 3.2 1B / 3B, built from their config.json on the meta device."""
+    config = hub_config(shape, 128000, torch.bfloat16)
+    with torch.device("meta"):
+        model = build_model(config, max_seq_len=2048)
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    assert len(model.layers) == shape.num_layers
+    attn = model.layers[0].attn
+    assert (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (shape.num_heads, shape.num_kv_heads, shape.head_dim)
+    assert model.layers[0].mlp.w1.out_features == shape.intermediate_size
+    assert attn.pos_embeddings.scale_factor == 32.0
+
+
+def test_build_model_reads_every_size_field() -> None:
+    config = hub_config(LlamaShape(96, 3, 3, 1, tie_word_embeddings=False), 500, torch.float32)
+    config |= {"rms_norm_eps": 1e-6, "max_position_embeddings": 512, "intermediate_size": 200}
+    model = build_model(config)
+    assert model.tok_embeddings.weight.shape == (756, 96)
+    assert model.output.weight.shape == (756, 96)
+    assert len(model.layers) == 3
+    assert model.layers[2].attn.k_proj.weight.shape == (32, 96)
+    assert model.layers[0].mlp.w2.weight.shape == (96, 200)
+    assert model.norm.eps == 1e-6
+    assert model.max_seq_len == 512
+    assert model.layers[0].attn.pos_embeddings.cache.shape[0] == 512
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "'linear' is not supported"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks"),
+        ({"head_dim": 64}, "head_dim=64"),
+        ({"attention_bias": True}, "attention_bias=True"),
+        ({"mlp_bias": True}, "mlp_bias=True"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"hidden_size": None}, "'hidden_size' is missing"),
+        ({"num_key_value_heads": 3}, "do not divide evenly"),
+        ({"model_type": "mistral"}, "expected 'llama'"),
+    ],
+)
+def test_unrepresentable_configs_are_refused(change: dict, message: str) -> None:
+    config = hub_config(LlamaShape(), 2000, torch.float32)
+    for key, value in change.items():
+        if value is None:
+            config.pop(key)
+        else:
+            config[key] = value
+    with pytest.raises(CheckpointError, match=message):
+        build_model(config)
+
+
+# --- save / load ------------------------------------------------------------------------------------
+
+
+def test_saved_checkpoint_loads_in_transformers_with_identical_logits(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    model = perturbed(loaded_model(tiny_extended_dir))
+    checkpointer = SpeechCheckpointer(tiny_extended_dir, tmp_path / "run", progress=False)
+    saved = checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0, step=5)
+    assert saved == tmp_path / "run" / "checkpoints" / "epoch_0" / "global_step_5"
+    ids = input_ids(checkpointer.vocab.vocab_size)
+    torch.testing.assert_close(hf_logits(saved, ids), tune_logits(model, ids), atol=1e-5, rtol=0)
+    # and the torchtune side reads back exactly what was in memory
+    reloaded = SpeechCheckpointer(saved, progress=False).load_checkpoint()["model"]
+    expected = model.state_dict()
+    assert reloaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(reloaded[name], tensor), name
+
+
+def test_round_trip_is_bit_identical_and_preserves_files(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    checkpointer = SpeechCheckpointer(tiny_extended_dir, tmp_path / "run", progress=False)
+    state = checkpointer.load_checkpoint()
+    saved = checkpointer.save_checkpoint(state, epoch=0, step=1)
+    source, written = safetensors_of(tiny_extended_dir), safetensors_of(saved)
+    assert written.keys() == source.keys()
+    assert "lm_head.weight" not in written  # tied: like the hub's files
+    for name in source:
+        assert written[name].dtype == source[name].dtype and torch.equal(written[name], source[name]), name
+    for rel in SIDE_FILES:
+        assert (saved / rel).read_bytes() == (tiny_extended_dir / rel).read_bytes(), rel
+    assert not (saved / "training_state").exists()  # nothing but the model was given
+
+
+def test_bf16_untied_sharded_checkpoint(untied_extended_dir: Path, tmp_path: Path) -> None:
+    checkpointer = SpeechCheckpointer(untied_extended_dir, tmp_path / "run", max_shard_size="200KB", progress=False)
+    assert checkpointer.save_dtype == torch.bfloat16
+    state = checkpointer.load_checkpoint()
+    assert {t.dtype for t in state["model"].values()} == {torch.bfloat16}
+    assert "output.weight" in state["model"]
+    saved = checkpointer.save_checkpoint(state, epoch=1, step=10)
+
+    index = read_json(saved / SAFETENSORS_INDEX)
+    shards = sorted(saved.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == {p.name for p in shards}
+    for shard in shards:  # under the limit, unless one tensor alone exceeds it (the embedding: 327 kB)
+        entries, _ = read_safetensors_header(shard)
+        assert len(entries) == 1 or sum(e.nbytes for e in entries) <= 200_000, shard.name
+    written = safetensors_of(saved)
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in written.values())
+    assert set(index["weight_map"]) == set(written) and "lm_head.weight" in written
+    source = safetensors_of(untied_extended_dir)
+    for name in source:
+        assert written[name].dtype == torch.bfloat16 and torch.equal(written[name], source[name]), name
+    assert read_json(saved / "config.json")["torch_dtype"] == "bfloat16"
+    ids = input_ids(checkpointer.vocab.vocab_size)
+    assert torch.equal(hf_logits(saved, ids, torch.bfloat16), hf_logits(untied_extended_dir, ids, torch.bfloat16))
+
+
+def test_save_dtype_is_selectable(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    checkpointer = SpeechCheckpointer(tiny_extended_dir, tmp_path / "run", dtype="bf16", progress=False)
+    model = loaded_model(tiny_extended_dir)
+    saved = checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0, step=1)
+    config = read_json(saved / "config.json")
+    assert config["torch_dtype"] == "bfloat16"
+    assert {k: v for k, v in config.items() if k != "torch_dtype"} == {
+        k: v for k, v in read_json(tiny_extended_dir / "config.json").items() if k != "torch_dtype"
+    }
+    source = safetensors_of(tiny_extended_dir)
+    for name, tensor in safetensors_of(saved).items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, source[name].to(torch.bfloat16)), name
+    # and back: a bf16 checkpoint trains in fp32 and can be saved as fp32 again
+    back = SpeechCheckpointer(saved, tmp_path / "run2", dtype=torch.float32, progress=False)
+    again = back.save_checkpoint(back.load_checkpoint(), epoch=0, step=2)
+    assert read_json(again / "config.json")["torch_dtype"] == "float32"
+    assert {t.dtype for t in safetensors_of(again).values()} == {torch.float32}
+
+
+def test_training_state_round_trip(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    model = loaded_model(tiny_extended_dir).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    model(input_ids(2558, seq_len=8)).float().mean().backward()
+    optimizer.step()
+    scheduler.step()
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "global_step": 1,
+        "consumed_samples": 2,
+    }
+    written_by_hook = []
+
+    def hook(state_dir: Path) -> None:
+        (state_dir / "dataloader_rank0.json").write_text(json.dumps({"position": 17}))
+        written_by_hook.append(state_dir)
+
+    checkpointer = SpeechCheckpointer(tiny_extended_dir, tmp_path / "run", progress=False)
+    saved = checkpointer.save_checkpoint(state, epoch=0, step=1, training_state_writer=hook)
+    assert "model" in state and "optimizer" in state  # the caller's dict is untouched
+    assert written_by_hook and written_by_hook[0] != saved / "training_state"  # the hook ran inside the atomic write
+    assert json.loads((saved / "training_state" / "dataloader_rank0.json").read_text()) == {"position": 17}
+
+    restored = load_training_state(saved)
+    assert set(restored) == {"optimizer", "lr_scheduler", "rng", "global_step", "consumed_samples"}
+    assert torch.equal(restored["rng"], state["rng"]) and restored["global_step"] == 1
+    fresh = torch.optim.AdamW(loaded_model(saved).parameters(), lr=1e-3)
+    fresh.load_state_dict(restored["optimizer"])
+    for key, value in optimizer.state_dict()["state"][0].items():
+        assert torch.equal(fresh.state_dict()["state"][0][key], value), key
+    assert restored["lr_scheduler"] == scheduler.state_dict()
+
+    # torchtune's flag: load_checkpoint returns weights and training state together
+    resumed = SpeechCheckpointer(saved, tmp_path / "run", should_load_recipe_state=True, progress=False)
+    both = resumed.load_checkpoint()
+    assert both["global_step"] == 1 and "optimizer" in both and "model" in both
+
+
+def test_resumed_run_saves_clean_checkpoints_even_after_its_source_is_pruned(
+    tiny_extended_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    first = SpeechCheckpointer(tiny_extended_dir, run, progress=False)
+    state = first.load_checkpoint()
+    start = first.save_checkpoint({**state, "global_step": 1}, epoch=0, step=1)
+    resumed = SpeechCheckpointer(resolve_checkpoint(run, "latest"), run, progress=False)
+    state = resumed.load_checkpoint()
+    second = resumed.save_checkpoint(state, epoch=0, step=2)
+    assert not (second / "training_state").exists()  # the source's training state is not carried over
+    assert prune_checkpoints(run, keep_last_n=1) == [start]
+    third = resumed.save_checkpoint(state, epoch=1, step=3)
+    for rel in SIDE_FILES:
+        assert (third / rel).read_bytes() == (tiny_extended_dir / rel).read_bytes(), rel
+
+
+def test_existing_checkpoint_is_never_overwritten(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    checkpointer = SpeechCheckpointer(tiny_extended_dir, tmp_path / "run", progress=False)
+    state = checkpointer.load_checkpoint()
+    saved = checkpointer.save_checkpoint(state, epoch=0, step=4)
+    before = {p: p.stat().st_mtime_ns for p in saved.rglob("*")}
+    with pytest.raises(CheckpointError, match="global_step_4 already exists"):
+        checkpointer.save_checkpoint(state, epoch=0, step=4)
+    assert {p: p.stat().st_mtime_ns for p in saved.rglob("*")} == before
+
+
+# --- atomicity --------------------------------------------------------------------------------------
+
+
+def visible_entries(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.name.startswith("."))
+
+
+def test_failure_while_writing_training_state_leaves_nothing(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    checkpointer = SpeechCheckpointer(tiny_extended_dir, run, progress=False)
+    state = checkpointer.load_checkpoint()
+
+    def failing_hook(state_dir: Path) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        checkpointer.save_checkpoint(state, epoch=0, step=3, training_state_writer=failing_hook)
+    assert not checkpointer.checkpoint_path(0, 3).exists()
+    assert not any(p.name.startswith(".") for p in run.rglob("*"))  # temporary directory cleaned up
+    assert list_checkpoints(run) == []
+
+
+def test_failure_between_weight_shards_leaves_nothing(
+    untied_extended_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    checkpointer = SpeechCheckpointer(untied_extended_dir, run, max_shard_size="200KB", progress=False)
+    state = checkpointer.load_checkpoint()
+    real_write = ckpt_mod.write_safetensors
+    calls = []
+
+    def write_then_fail(path: Path, *args: object, **kwargs: object) -> int:
+        calls.append(path)
+        if len(calls) == 2:
+            raise RuntimeError("node lost")
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod, "write_safetensors", write_then_fail)
+    with pytest.raises(RuntimeError, match="node lost"):
+        checkpointer.save_checkpoint(state, epoch=0, step=7)
+    assert len(calls) == 2 and calls[0].exists() is False  # the first shard was written, then removed
+    assert visible_entries(run) == ["checkpoints", "checkpoints/epoch_0"]
+
+
+def test_killed_save_never_looks_complete(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL in the middle of a save (no cleanup code runs): the half-written checkpoint stays under
+    a hidden name, and `latest` still resolves to the previous complete checkpoint."""
+    run = tmp_path / "run"
+    checkpointer = SpeechCheckpointer(tiny_extended_dir, run, progress=False)
+    previous = checkpointer.save_checkpoint(checkpointer.load_checkpoint(), epoch=0, step=1)
+    ready = tmp_path / "ready"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from ssi.checkpointing import SpeechCheckpointer
+        c = SpeechCheckpointer({str(tiny_extended_dir)!r}, {str(run)!r}, progress=False)
+        def stall(state_dir):
+            Path({str(ready)!r}).touch()
+            time.sleep(120)
+        c.save_checkpoint({{**c.load_checkpoint(), "global_step": 2}}, 0, step=2, training_state_writer=stall)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 90
+        while not ready.exists():
+            assert proc.poll() is None, "the saving process exited before reaching the hook"
+            assert time.monotonic() < deadline, "the saving process never reached the hook"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    epoch_dir = run / "checkpoints" / "epoch_0"
+    leftovers = [p.name for p in epoch_dir.iterdir() if p.name != "global_step_1"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".global_step_2.partial-")
+    assert (epoch_dir / leftovers[0] / "model.safetensors").is_file()  # it really was mid-save
+    assert not (epoch_dir / "global_step_2").exists()
+    assert resolve_checkpoint(run, "latest") == previous
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        resolve_checkpoint(run, epoch_dir / leftovers[0] / "training_state")
+
+
+# --- run directory helpers --------------------------------------------------------------------------
+
+
+def test_resolve_latest_and_prune(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        resolve_checkpoint(run, "latest")
+    checkpointer = SpeechCheckpointer(tiny_extended_dir, run, progress=False)
+    state = checkpointer.load_checkpoint()
+    # step order, not name or epoch order: global_step_10 is newer than global_step_9
+    for epoch, step in [(0, 5), (0, 9), (1, 10), (1, 20)]:
+        checkpointer.save_checkpoint(state, epoch=epoch, step=step)
+    (run / "checkpoints" / "epoch_1" / "notes.txt").write_text("not a checkpoint")
+    assert [(c.epoch, c.step) for c in list_checkpoints(run)] == [(0, 5), (0, 9), (1, 10), (1, 20)]
+    assert resolve_checkpoint(run, "latest") == checkpointer.checkpoint_path(1, 20)
+    explicit = checkpointer.checkpoint_path(0, 9)
+    assert resolve_checkpoint(run, str(explicit)) == explicit
+
+    removed = prune_checkpoints(run, keep_last_n=2)
+    assert removed == [checkpointer.checkpoint_path(0, 5), checkpointer.checkpoint_path(0, 9)]
+    assert not (run / "checkpoints" / "epoch_0").exists()  # emptied epoch folder removed
+    assert [(c.epoch, c.step) for c in list_checkpoints(run)] == [(1, 10), (1, 20)]
+    assert prune_checkpoints(run, keep_last_n=2) == []
+    with pytest.raises(CheckpointError, match="keep_last_n must be >= 1"):
+        prune_checkpoints(run, keep_last_n=0)
+
+
+def test_damaged_checkpoint_is_skipped_by_latest(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    checkpointer = SpeechCheckpointer(tiny_extended_dir, run, progress=False)
+    state = checkpointer.load_checkpoint()
+    good = checkpointer.save_checkpoint(state, epoch=0, step=1)
+    damaged = checkpointer.save_checkpoint(state, epoch=0, step=2)
+    (damaged / "model.safetensors").unlink()
+    assert resolve_checkpoint(run, "latest") == good
+    with pytest.raises(CheckpointError, match=r"not a complete checkpoint: missing model\.safetensors"):
+        resolve_checkpoint(run, damaged)
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        resolve_checkpoint(run, run / "nope")
+    with pytest.raises(CheckpointError, match="cannot resume a run"):
+        load_training_state(good)
+
+
+# --- clear errors -----------------------------------------------------------------------------------
+
+
+def test_directory_without_manifest_is_refused(tiny_base_dir: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"missing ssi\.json \(not a speech-extended model"):
+        SpeechCheckpointer(tiny_base_dir)
+
+
+def test_manifest_disagreeing_with_config_is_refused(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    model_dir = copy_dir(tiny_extended_dir, tmp_path / "model")
+    manifest = read_json(model_dir / MANIFEST_NAME)
+    manifest["n_dsus"] = 500
+    manifest.pop("vocab_size")
+    write_json(model_dir / MANIFEST_NAME, manifest)
+    with pytest.raises(CheckpointError, match=r"vocab_size 2558 disagrees with .*ssi\.json.*n_dsus 500"):
+        SpeechCheckpointer(model_dir)
+
+
+def test_missing_weights_are_named(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    model_dir = copy_dir(tiny_extended_dir, tmp_path / "model")
+    tensors = safetensors_of(model_dir)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_tensors(model_dir / "model.safetensors", tensors)
+    with pytest.raises(CheckpointError, match=r"missing weights model\.layers\.1\.mlp\.up_proj\.weight"):
+        SpeechCheckpointer(model_dir)
+    (model_dir / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"missing model\.safetensors or model\.safetensors\.index\.json"):
+        SpeechCheckpointer(model_dir)
+
+
+def test_untied_model_without_output_head_is_refused(untied_extended_dir: Path, tmp_path: Path) -> None:
+    model_dir = copy_dir(untied_extended_dir, tmp_path / "model")
+    index = read_json(model_dir / SAFETENSORS_INDEX)
+    shard = model_dir / index["weight_map"]["lm_head.weight"]
+    tensors = {k: v for k, v in safetensors_of_file(shard).items() if k != "lm_head.weight"}
+    save_tensors(shard, tensors)
+    with pytest.raises(CheckpointError, match=r"missing weights lm_head\.weight .*tie_word_embeddings=False"):
+        SpeechCheckpointer(model_dir)
+
+
+def test_wrong_weight_shape_is_named(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    model_dir = copy_dir(tiny_extended_dir, tmp_path / "model")
+    tensors = safetensors_of(model_dir)
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"][:-2]
+    save_tensors(model_dir / "model.safetensors", tensors)
+    with pytest.raises(CheckpointError, match=r"model\.embed_tokens\.weight has shape \[2556, 64\].*\[2558, 64\]"):
+        SpeechCheckpointer(model_dir)
+
+
+def test_bad_save_requests_are_refused(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="inside the model directory"):
+        SpeechCheckpointer(tiny_extended_dir, tiny_extended_dir / "run")
+    with pytest.raises(CheckpointError, match="unsupported checkpoint dtype 'int8'"):
+        SpeechCheckpointer(tiny_extended_dir, tmp_path / "run", dtype="int8")
+    with pytest.raises(CheckpointError, match="max_shard_size 'lots'"):
+        SpeechCheckpointer(tiny_extended_dir, tmp_path / "run", max_shard_size="lots")
+    checkpointer = SpeechCheckpointer(tiny_extended_dir, tmp_path / "run", progress=False)
+    state = checkpointer.load_checkpoint()["model"]
+    with pytest.raises(CheckpointError, match="has no 'model' entry"):
+        checkpointer.save_checkpoint({"optimizer": {}}, epoch=0, step=1)
+    with pytest.raises(CheckpointError, match=r"missing \['norm\.scale'\]"):
+        checkpointer.save_checkpoint({"model": {k: v for k, v in state.items() if k != "norm.scale"}}, 0, step=1)
+    bad = {**state, "norm.scale": state["norm.scale"][:10]}
+    with pytest.raises(CheckpointError, match=r"norm\.scale has shape \[10\], expected \[64\]"):
+        checkpointer.save_checkpoint({"model": bad}, epoch=0, step=1)
+    with pytest.raises(CheckpointError, match="no output_dir"):
+        SpeechCheckpointer(tiny_extended_dir).save_checkpoint({"model": state}, epoch=0, step=1)
+    assert not (tmp_path / "run").exists()  # refusals happen before anything is written
