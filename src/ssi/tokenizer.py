@@ -1,17 +1,15 @@
-"""One vocabulary, two readers: torchtune's tiktoken path and the HF fast tokenizer.
+"""The tiktoken path of the extended vocabulary (torchtune), twin of `ssi.hf_tokenizer`.
 
 `SpeechLlama3Tokenizer` is torchtune's Llama 3 tokenizer (chat format, masking, truncation are
 inherited) taught the extended layout of `ssi.tokens`: each DSU character and each modality token
-is one id, computed directly instead of going through BPE. `extend_hf_tokenizer` adds the same
-tokens to a `tokenizer.json` as added tokens, which transformers and vLLM match before
-pre-tokenization, so both paths give identical ids for any string.
+is one id, computed directly instead of going through BPE. `ssi.hf_tokenizer` adds the same tokens
+to `tokenizer.json` for transformers and vLLM, so both paths give identical ids for any string.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 from torchtune.data import PromptTemplate
 from torchtune.models.llama3._tokenizer import CL100K_PATTERN, Llama3Tokenizer
@@ -21,10 +19,9 @@ from ssi.hf_dir import TIKTOKEN_FILE
 from ssi.tokens import (
     DSU_CHAR_OFFSET,
     MAX_DSUS,
-    MODALITY_SPEECH,
-    MODALITY_TEXT,
     SpeechVocab,
     VocabError,
+    count_bpe_ranks,
     dsu_to_char,
     llama3_special_tokens,
 )
@@ -33,12 +30,6 @@ _DSU_CLASS = f"[{chr(DSU_CHAR_OFFSET)}-{chr(DSU_CHAR_OFFSET + MAX_DSUS - 1)}]"
 # Everything that may be a single added token: Llama special strings, modality tokens, DSU runs.
 # Candidates that are not tokens of this vocabulary stay plain text.
 _ADDED_TOKEN_PATTERN = re.compile(rf"<\|[a-z0-9_]+\|>|<extra_id_MM_(?:TEXT|SPEECH)>|{_DSU_CLASS}+")
-
-
-def count_bpe_ranks(path: str | Path) -> int:
-    """Number of ranks in a tiktoken BPE file (B in the id layout)."""
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
 
 
 class SpeechLlama3Tokenizer(Llama3Tokenizer):
@@ -183,64 +174,3 @@ def load_tokenizer(
         max_seq_len=max_seq_len,
         prompt_template=prompt_template,
     )
-
-
-# --- HF fast tokenizer files ---------------------------------------------------------------------
-
-
-def _added_token(token_id: int, content: str, special: bool) -> dict[str, Any]:
-    return {
-        "id": token_id,
-        "content": content,
-        "single_word": False,
-        "lstrip": False,
-        "rstrip": False,
-        "normalized": False,
-        "special": special,
-    }
-
-
-def new_added_tokens(vocab: SpeechVocab) -> list[dict[str, Any]]:
-    """tokenizer.json `added_tokens` entries for the DSUs and modality tokens of `vocab`."""
-    tokens = [_added_token(vocab.dsu_start + i, dsu_to_char(i), False) for i in range(vocab.n_dsus)]
-    for content, token_id in vocab.modality_token_ids.items():
-        tokens.append(_added_token(token_id, content, True))
-    return tokens
-
-
-def check_base_hf_tokenizer(tokenizer_json: dict[str, Any], n_bpe: int, source: str) -> None:
-    """Refuse a tokenizer.json that does not have the base Llama 3 layout for `n_bpe` ranks."""
-    model = tokenizer_json.get("model", {})
-    if model.get("type") != "BPE" or len(model.get("vocab", {})) != n_bpe:
-        raise VocabError(
-            f"{source}: expected a BPE model with {n_bpe} entries (as in original/tokenizer.model), "
-            f"found type={model.get('type')!r} with {len(model.get('vocab', {}))} entries"
-        )
-    expected = llama3_special_tokens(n_bpe)
-    added = {t["content"]: t["id"] for t in tokenizer_json.get("added_tokens", [])}
-    extra = set(added) - set(expected)
-    if any(t in added for t in (MODALITY_TEXT, MODALITY_SPEECH)) or any(
-        content and content[0] >= chr(DSU_CHAR_OFFSET) for content in extra
-    ):
-        raise VocabError(f"{source}: already contains DSU or modality tokens (is the input already extended?)")
-    wrong = {name: added.get(name) for name, i in expected.items() if added.get(name) != i}
-    if wrong or extra:
-        sample = dict(list(wrong.items())[:3]) or sorted(extra)[:3]
-        raise VocabError(
-            f"{source}: added tokens do not follow the Llama 3 special-token layout from id {n_bpe} "
-            f"(first differences: {sample})"
-        )
-
-
-def extend_hf_tokenizer(
-    tokenizer_json: dict[str, Any], tokenizer_config: dict[str, Any], vocab: SpeechVocab
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Return extended copies of tokenizer.json and tokenizer_config.json contents."""
-    check_base_hf_tokenizer(tokenizer_json, vocab.n_bpe, "tokenizer.json")
-    tokens = new_added_tokens(vocab)
-    tokenizer_json = {**tokenizer_json, "added_tokens": [*tokenizer_json["added_tokens"], *tokens]}
-    decoder = dict(tokenizer_config.get("added_tokens_decoder", {}))
-    for token in tokens:
-        decoder[str(token["id"])] = {k: v for k, v in token.items() if k != "id"}
-    tokenizer_config = {**tokenizer_config, "added_tokens_decoder": decoder}
-    return tokenizer_json, tokenizer_config

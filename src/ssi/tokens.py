@@ -59,6 +59,12 @@ def text_to_dsus(text: str) -> list[int]:
     return [char_to_dsu(c) for c in text]
 
 
+def count_bpe_ranks(path: str | Path) -> int:
+    """Number of ranks in a tiktoken BPE file (B in the id layout)."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def llama3_special_tokens(n_bpe: int) -> dict[str, int]:
     """The 256 Llama 3.1/3.2 special tokens, numbered from the size of the BPE file.
 

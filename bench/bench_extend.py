@@ -1,0 +1,85 @@
+"""Extension cost on a full-size Llama-3.2-1B-shaped checkpoint, against a plain copy of its files.
+
+Generates a random bf16 checkpoint with the real 1B shapes (128,000 BPE ranks + 256 specials,
+hidden 2048, 16 layers, tied embeddings: ~2.47 GB), then measures, each in its own process:
+  reference  `cp -r` of the checkpoint directory
+  ssi        scripts/extend_llama3_2.py --n_new_dsus 5000
+and prints wall time and peak RSS as ratios to the copy and to the checkpoint size.
+Targets (issue 2): peak RSS <= 1.5x checkpoint file size, time <= 3x the copy.
+
+    python bench/bench_extend.py [--workdir /tmp/ssi-bench-extend] [--n_new_dsus 5000] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_measured(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one child process, read from its own rusage."""
+    subprocess.run(["sync"], check=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"command failed: {' '.join(cmd)}")
+    return elapsed, usage.ru_maxrss * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/ssi-bench-extend"))
+    parser.add_argument("--n_new_dsus", type=int, default=5000)
+    parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    args = parser.parse_args()
+
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    base = args.workdir / "Llama-3.2-1B-random"
+    t0 = time.perf_counter()
+    # Generated in a child: this process stays small, so the measured children (forked from it)
+    # do not start with its memory already counted in their peak RSS.
+    generate = (
+        "import sys, torch; from ssi.testing import LLAMA_3_2_1B, write_llama_dir; "
+        "write_llama_dir(sys.argv[1], shape=LLAMA_3_2_1B, dtype=torch.bfloat16, n_bpe=128000)"
+    )
+    subprocess.run([sys.executable, "-c", generate, str(base)], check=True)
+    size = sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
+    weights = (base / "model.safetensors").stat().st_size
+    elapsed = time.perf_counter() - t0
+    print(f"generated {base} ({weights / 1e9:.2f} GB weights, {size / 1e9:.2f} GB total) in {elapsed:.0f}s")
+
+    copy_s, copy_rss = run_measured(["cp", "-r", str(base), str(args.workdir / "plain-copy")])
+    ext_cmd = [
+        sys.executable,
+        str(REPO / "scripts/extend_llama3_2.py"),
+        "--n_new_dsus",
+        str(args.n_new_dsus),
+        "--input_dir",
+        str(base),
+        "--output_dir",
+        str(args.workdir / "extended"),
+        "--no-progress",
+    ]
+    ext_s, ext_rss = run_measured(ext_cmd)
+
+    time_ratio, rss_ratio = ext_s / copy_s, ext_rss / weights
+    print(f"{'':<10}{'wall s':>10}{'peak RSS GB':>14}")
+    print(f"{'cp -r':<10}{copy_s:>10.1f}{copy_rss / 1e9:>14.2f}")
+    print(f"{'extend':<10}{ext_s:>10.1f}{ext_rss / 1e9:>14.2f}")
+    print(f"time / copy           = {time_ratio:.2f}x  (target <= 3.0x) {'OK' if time_ratio <= 3 else 'MISSED'}")
+    print(f"peak RSS / checkpoint = {rss_ratio:.2f}x  (target <= 1.5x) {'OK' if rss_ratio <= 1.5 else 'MISSED'}")
+    if not args.keep:
+        shutil.rmtree(args.workdir)
+
+
+if __name__ == "__main__":
+    main()
