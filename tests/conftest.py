@@ -39,3 +39,12 @@ def untied_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         dtype=torch.bfloat16,
         shard_tensors=7,
     )
+
+
+@pytest.fixture(scope="session")
+def synthetic_corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic DSU corpus (train/validation/test parquet, 300 units at 50 Hz) in the published schema."""
+    from ssi.data.synthetic import SyntheticSpec, make_synthetic_dataset
+
+    spec = SyntheticSpec(n_train=64, n_validation=16, n_test=16, n_units=N_TEST_DSUS)
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "corpus", spec, progress=False)

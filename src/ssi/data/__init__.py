@@ -1,0 +1,32 @@
+"""Speech-text data pipeline: sources and validation, CPT sequences, SFT examples, batching, synthetic corpus.
+
+The public entry points are re-exported here so that recipes import from `ssi.data` only.
+"""
+
+from ssi.data.cpt import CPTDataset, CPTOptions, SpanSampler, speech_span
+from ssi.data.sft import SFTDataset, SFTOptions
+from ssi.data.sources import (
+    ColumnNames,
+    DataValidationError,
+    Encoder,
+    SourceSpec,
+    ValidationReport,
+    load_source,
+    validate_dataset,
+)
+
+__all__ = [
+    "CPTDataset",
+    "CPTOptions",
+    "ColumnNames",
+    "DataValidationError",
+    "Encoder",
+    "SFTDataset",
+    "SFTOptions",
+    "SourceSpec",
+    "SpanSampler",
+    "ValidationReport",
+    "load_source",
+    "speech_span",
+    "validate_dataset",
+]
