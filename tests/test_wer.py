@@ -391,6 +391,15 @@ def test_bad_generations_name_line_or_id_and_write_nothing(tmp_path: Path, lines
     assert outputs(path) == []
 
 
+def test_non_utf8_line_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "g" / "generations.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(b'{"id": "a", "text": "x", "reference": "x"}\n{"id": "b", "text": "caf\xe9"}\n')
+    with pytest.raises(WerInputError, match=r"generations.jsonl:2: not UTF-8"):
+        score_generations(path, progress=False)
+    assert outputs(path) == []
+
+
 def test_missing_partners_are_counted_and_refused_unless_allowed(tmp_path: Path) -> None:
     path = shuffled_generations(tmp_path / "g" / "generations.jsonl", with_reference=False)
     with open(path, "a") as f:
@@ -454,7 +463,7 @@ def test_bad_parquet_reference_names_file_and_columns(tmp_path: Path) -> None:
     datasets.Dataset.from_list([{"ID": "a", "ID2": "a"}, {"ID": "a", "ID2": "b"}]).to_parquet(str(ref_file))
     with pytest.raises(WerInputError, match=r"refs.parquet: missing column\(s\) \['transcript'\]; available"):
         load_references(ref_file)
-    with pytest.raises(WerInputError, match=r"refs.parquet: duplicate reference id 'a'"):
+    with pytest.raises(WerInputError, match=r"refs.parquet, row 1: duplicate reference id 'a'"):
         load_references(ref_file, text_column="ID2")
 
 

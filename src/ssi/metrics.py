@@ -65,7 +65,6 @@ class Generation:
     id: str
     text: str
     reference: str | None
-    line: int
 
 
 @dataclass(frozen=True)
@@ -99,8 +98,12 @@ def _as_id(value: Any, where: str) -> str:
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line; a line that is not a JSON object is an error."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes, so an encoding error can name its line
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise WerInputError(f"{path}:{number}: not UTF-8 ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue
             try:
@@ -135,7 +138,7 @@ def read_generations(path: Path) -> list[Generation]:
         if uid in first_line:
             raise WerInputError(f"{where}: duplicate id, first seen on line {first_line[uid]}")
         first_line[uid] = number
-        generations.append(Generation(id=uid, text=obj["text"], reference=reference, line=number))
+        generations.append(Generation(id=uid, text=obj["text"], reference=reference))
     if not generations:
         raise WerInputError(f"{path} holds no generations")
     return generations
@@ -159,19 +162,19 @@ def _check_columns(columns: Sequence[str], wanted: Sequence[str], source: str) -
         raise WerInputError(f"{source}: missing column(s) {missing}; available: {list(columns)}")
 
 
-def _add_references(
-    refs: dict[str, str], ids: Sequence[Any], texts: Sequence[Any], source: str, text_column: str
-) -> None:
-    """Merge (id, transcript) pairs into `refs`, refusing duplicate ids and non-string transcripts."""
+def _add_reference(refs: dict[str, str], raw_id: Any, text: Any, where: str, text_column: str) -> None:
+    """Add one (id, transcript) pair to `refs`, refusing duplicate ids and non-string transcripts."""
+    uid = _as_id(raw_id, where)
+    if not isinstance(text, str):
+        raise WerInputError(f"{where} (id {uid!r}): {text_column!r} is {type(text).__name__}, expected a string")
+    if uid in refs:
+        raise WerInputError(f"{where}: duplicate reference id {uid!r}")
+    refs[uid] = text
+
+
+def _add_columns(refs: dict[str, str], ids: Sequence[Any], texts: Sequence[Any], source: str, text_column: str) -> None:
     for row, (raw_id, text) in enumerate(zip(ids, texts, strict=True)):
-        uid = _as_id(raw_id, f"{source}, row {row}")
-        if not isinstance(text, str):
-            raise WerInputError(
-                f"{source}, id {uid!r}: column {text_column!r} is {type(text).__name__}, expected a string"
-            )
-        if uid in refs:
-            raise WerInputError(f"{source}: duplicate reference id {uid!r}")
-        refs[uid] = text
+        _add_reference(refs, raw_id, text, f"{source}, row {row}", text_column)
 
 
 def _references_from_jsonl(path: Path, id_column: str | None, text_column: str, refs: dict[str, str]) -> None:
@@ -179,14 +182,7 @@ def _references_from_jsonl(path: Path, id_column: str | None, text_column: str, 
         where = f"{path}:{number}"
         column = _pick_id_column(list(obj), id_column, where)
         _check_columns(list(obj), [column, text_column], where)
-        uid = _as_id(obj[column], where)
-        if not isinstance(obj[text_column], str):
-            raise WerInputError(
-                f"{where} (id {uid!r}): {text_column!r} is {type(obj[text_column]).__name__}, expected a string"
-            )
-        if uid in refs:
-            raise WerInputError(f"{where}: duplicate reference id {uid!r}")
-        refs[uid] = obj[text_column]
+        _add_reference(refs, obj[column], obj[text_column], where, text_column)
 
 
 def _references_from_parquet(path: Path, id_column: str | None, text_column: str, refs: dict[str, str]) -> None:
@@ -197,9 +193,7 @@ def _references_from_parquet(path: Path, id_column: str | None, text_column: str
     _check_columns(names, [column, text_column], str(path))
     # Read only the two columns: DSU datasets carry large speech_tokens lists that scoring never needs.
     table = pq.read_table(path, columns=[column, text_column])
-    _add_references(
-        refs, table.column(column).to_pylist(), table.column(text_column).to_pylist(), str(path), text_column
-    )
+    _add_columns(refs, table.column(column).to_pylist(), table.column(text_column).to_pylist(), str(path), text_column)
 
 
 def _references_from_datasets(
@@ -229,7 +223,7 @@ def _references_from_datasets(
     _check_columns(loaded.column_names, [column, text_column], source)
     table = loaded.select_columns([column, text_column])
     refs: dict[str, str] = {}
-    _add_references(refs, table[column], table[text_column], source, text_column)
+    _add_columns(refs, table[column], table[text_column], source, text_column)
     return refs
 
 
@@ -436,10 +430,10 @@ def compute_wer(
     subs = dels = ins = hits = 0
     # One pass, keeping no word lists: holding millions of them makes the cyclic GC the slowest part.
     for uid, ref, hyp in zip(ids, ref_texts, hyp_texts, strict=True):
-        ref_ids = [word_ids[w] for w in ref.split()]
-        s, d, i = align_counts(ref_ids, [word_ids[w] for w in hyp.split()])
-        h = len(ref_ids) - s - d
-        utterances.append(UtteranceErrors(uid, s, d, i, h, reference=ref, hypothesis=hyp))
+        ref_words, hyp_words = ref.split(), hyp.split()
+        s, d, i = align_counts([word_ids[w] for w in ref_words], [word_ids[w] for w in hyp_words])
+        h = len(ref_words) - s - d
+        utterances.append(UtteranceErrors(uid, s, d, i, h, " ".join(ref_words), " ".join(hyp_words)))
         subs, dels, ins, hits = subs + s, dels + d, ins + i, hits + h
     return WerResult(
         wer=(subs + dels + ins) / (subs + dels + hits),
