@@ -411,7 +411,7 @@ def test_failure_between_weight_shards_leaves_nothing(
 
 def test_killed_save_never_looks_complete(tiny_extended_dir: Path, tmp_path: Path) -> None:
     """SIGKILL in the middle of a save (no cleanup code runs): the half-written checkpoint stays under
-    a hidden name, and `latest` still resolves to the previous complete checkpoint."""
+    a hidden name, `latest` still resolves to the previous complete checkpoint, and pruning clears it."""
     run = tmp_path / "run"
     checkpointer = SpeechCheckpointer(tiny_extended_dir, run, progress=False)
     previous = checkpointer.save_checkpoint(checkpointer.load_checkpoint(), epoch=0, step=1)
@@ -446,6 +446,9 @@ def test_killed_save_never_looks_complete(tiny_extended_dir: Path, tmp_path: Pat
     assert resolve_checkpoint(run, "latest") == previous
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         resolve_checkpoint(run, epoch_dir / leftovers[0] / "training_state")
+    # the next job's pruning clears the leftover and keeps the complete checkpoint
+    assert prune_checkpoints(run, keep_last_n=1) == []
+    assert sorted(p.name for p in epoch_dir.iterdir()) == ["global_step_1"]
 
 
 # --- run directory helpers --------------------------------------------------------------------------
@@ -455,6 +458,7 @@ def test_resolve_latest_and_prune(tiny_extended_dir: Path, tmp_path: Path) -> No
     run = tmp_path / "run"
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         resolve_checkpoint(run, "latest")
+    assert resolve_checkpoint(run, "latest", missing_ok=True) is None
     checkpointer = SpeechCheckpointer(tiny_extended_dir, run, progress=False)
     state = checkpointer.load_checkpoint()
     # step order, not name or epoch order: global_step_10 is newer than global_step_9

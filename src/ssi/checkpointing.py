@@ -46,7 +46,6 @@ from ssi.hf_dir import (
     config_dtype,
     config_rope_scaling,
     dtype_name,
-    read_json,
     read_llama_config,
     read_safetensors_header,
     weight_files,
@@ -68,6 +67,8 @@ REQUIRED_SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _EPOCH_RE = re.compile(r"^epoch_(\d+)$")
 _STEP_RE = re.compile(r"^global_step_(\d+)$")
+# Hidden names of a checkpoint being written (ssi.hf_dir.atomic_output_dir) or deleted, by process id.
+_LEFTOVER_RE = re.compile(r"^\.global_step_\d+\.(?:partial|deleting)-(\d+)$")
 _DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -270,11 +271,14 @@ def read_architecture(model_dir_or_config: str | Path | dict[str, Any]) -> Llama
     if isinstance(model_dir_or_config, dict):
         return LlamaArchitecture.from_config(model_dir_or_config)
     model_dir = Path(model_dir_or_config)
+    return LlamaArchitecture.from_config(_read_config(model_dir), source=str(model_dir / "config.json"))
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
     try:
-        config = read_llama_config(model_dir)
+        return read_llama_config(model_dir)
     except ModelDirError as err:
         raise CheckpointError(str(err)) from None
-    return LlamaArchitecture.from_config(config, source=str(model_dir / "config.json"))
 
 
 def build_model(
@@ -450,6 +454,17 @@ def _tensor_writer(
     return write
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under `root` to stable storage, so that once the directory is
+    renamed into place a power loss or node crash cannot leave it with truncated contents."""
+    for path in [*sorted(root.rglob("*"), reverse=True), root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 # --- the checkpointer -----------------------------------------------------------------------------------
 
 
@@ -476,8 +491,8 @@ class SpeechCheckpointer:
         progress: bool = True,
     ) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
-        self.architecture = read_architecture(self.checkpoint_dir)
-        self.config = read_json(self.checkpoint_dir / "config.json")
+        self.config = _read_config(self.checkpoint_dir)
+        self.architecture = LlamaArchitecture.from_config(self.config, source=str(self.checkpoint_dir / "config.json"))
         missing = _check_complete(self.checkpoint_dir)
         if missing:
             hint = (
@@ -562,8 +577,13 @@ class SpeechCheckpointer:
         any device) and return its path. Every other key of `state_dict` (optimizer, lr scheduler,
         RNG states, step counters...) goes to `training_state/training_state.pt`;
         `training_state_writer(dir)` may add files of its own (e.g. per-rank data-loader state) to
-        that folder. Everything appears at once or not at all; an existing checkpoint is never
-        overwritten. The caller's dict is not modified."""
+        that folder. Everything appears at once or not at all (files are flushed to disk before the
+        directory is renamed into place); an existing checkpoint is never overwritten. The caller's
+        dict is not modified.
+
+        Distributed runs call this on one rank with gathered full tensors (e.g. torchtune's
+        `gather_cpu_state_dict`, `get_full_optimizer_state_dict`); a full optimizer state also lets
+        a run resume on a different number of ranks."""
         final = self.checkpoint_path(epoch, step)
         if MODEL_KEY not in state_dict:
             raise CheckpointError(f"save_checkpoint: state_dict has no {MODEL_KEY!r} entry (keys: {list(state_dict)})")
@@ -582,6 +602,7 @@ class SpeechCheckpointer:
                     torch.save(extra, state_dir / TRAINING_STATE_FILE)
                 if training_state_writer is not None:
                     training_state_writer(state_dir)
+            _fsync_tree(tmp)
         log.info(
             "saved %s: %.2f GB of %s weights in %d file(s)%s in %.1fs",
             final,
@@ -681,15 +702,20 @@ def list_checkpoints(output_dir: str | Path) -> list[CheckpointInfo]:
     return sorted(found, key=lambda c: (c.step, c.epoch))
 
 
-def resolve_checkpoint(output_dir: str | Path, spec: str | Path) -> Path:
-    """`resume_from_checkpoint`: "latest" (the run's newest complete checkpoint) or a checkpoint path."""
+def resolve_checkpoint(output_dir: str | Path, spec: str | Path, missing_ok: bool = False) -> Path | None:
+    """`resume_from_checkpoint`: "latest" (the run's newest complete checkpoint) or a checkpoint path.
+
+    With `missing_ok`, "latest" in a run without checkpoints gives None instead of an error, so a
+    requeued job script can always pass `latest` and its first start begins from scratch."""
     if str(spec) == "latest":
         checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            raise CheckpointError(
-                f"resume_from_checkpoint=latest: no complete checkpoint under {Path(output_dir) / CHECKPOINTS_DIR}"
-            )
-        return checkpoints[-1].path
+        if checkpoints:
+            return checkpoints[-1].path
+        if missing_ok:
+            return None
+        raise CheckpointError(
+            f"resume_from_checkpoint=latest: no complete checkpoint under {Path(output_dir) / CHECKPOINTS_DIR}"
+        )
     path = Path(spec)
     if not path.is_dir():
         raise CheckpointError(f"resume_from_checkpoint: {path} is not a directory (give a checkpoint dir or 'latest')")
@@ -703,7 +729,11 @@ def resolve_checkpoint(output_dir: str | Path, spec: str | Path) -> Path:
 
 def prune_checkpoints(output_dir: str | Path, keep_last_n: int) -> list[Path]:
     """Delete all but the newest `keep_last_n` checkpoints; returns the deleted paths. Each is first
-    renamed to a hidden name, so a crash mid-delete never leaves a visible half-deleted checkpoint."""
+    renamed to a hidden name, so a crash mid-delete never leaves a visible half-deleted checkpoint.
+
+    Hidden leftovers of saves or deletions that another process started and never finished (a job
+    killed mid-save) are removed too: call this only from the one process that writes the run's
+    checkpoints (rank 0), never while another job writes into the same output_dir."""
     if keep_last_n < 1:
         raise CheckpointError(f"keep_last_n must be >= 1, got {keep_last_n}")
     removed = []
@@ -712,9 +742,17 @@ def prune_checkpoints(output_dir: str | Path, keep_last_n: int) -> list[Path]:
         ckpt.path.rename(doomed)
         shutil.rmtree(doomed)
         removed.append(ckpt.path)
-        if not any(ckpt.path.parent.iterdir()):
-            ckpt.path.parent.rmdir()
         log.info("pruned %s (keep_last_n=%d)", ckpt.path, keep_last_n)
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    epoch_dirs = [d for d in root.iterdir() if _EPOCH_RE.match(d.name) and d.is_dir()] if root.is_dir() else []
+    for epoch_dir in epoch_dirs:
+        for leftover in sorted(epoch_dir.iterdir()):
+            match = _LEFTOVER_RE.match(leftover.name)
+            if match and int(match.group(1)) != os.getpid():
+                log.warning("removing %s, left by an interrupted checkpoint save or prune", leftover)
+                shutil.rmtree(leftover)
+        if not any(epoch_dir.iterdir()):
+            epoch_dir.rmdir()
     return removed
 
 
@@ -726,11 +764,12 @@ def load_training_state(ckpt_dir: str | Path, weights_only: bool = True) -> dict
     """The non-model entries saved with a checkpoint (optimizer, scheduler, RNG, counters...), on CPU.
 
     `weights_only=True` (torch's safe loader) accepts tensors and plain Python containers/numbers;
-    store e.g. numpy RNG state as a tensor or list, or pass `weights_only=False` for trusted files."""
+    store e.g. numpy RNG state as a tensor or list, or pass `weights_only=False` for trusted files.
+    Tensors are memory-mapped, so a large optimizer state is paged in as the optimizer takes it."""
     path = training_state_dir(ckpt_dir) / TRAINING_STATE_FILE
     if not path.is_file():
         raise CheckpointError(
             f"{ckpt_dir} has no {TRAINING_STATE_DIR}/{TRAINING_STATE_FILE}: it holds weights only and cannot "
             f"resume a run (start a new run from it with checkpointer.checkpoint_dir={ckpt_dir})"
         )
-    return torch.load(path, map_location="cpu", weights_only=weights_only)
+    return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
