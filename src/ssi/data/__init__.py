@@ -3,7 +3,9 @@
 The public entry points are re-exported here so that recipes import from `ssi.data` only.
 """
 
+from ssi.data.collate import TokenKinds, collate_packed, collate_padded, count_token_kinds
 from ssi.data.cpt import CPTDataset, CPTOptions, SpanSampler, speech_span
+from ssi.data.packing import PackedDataset
 from ssi.data.sft import SFTDataset, SFTOptions
 from ssi.data.sources import (
     ColumnNames,
@@ -21,11 +23,16 @@ __all__ = [
     "ColumnNames",
     "DataValidationError",
     "Encoder",
+    "PackedDataset",
     "SFTDataset",
     "SFTOptions",
     "SourceSpec",
     "SpanSampler",
+    "TokenKinds",
     "ValidationReport",
+    "collate_packed",
+    "collate_padded",
+    "count_token_kinds",
     "load_source",
     "speech_span",
     "validate_dataset",

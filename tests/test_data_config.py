@@ -1,0 +1,99 @@
+"""Data presets compose with Hydra as the recipes will (`data=cpt/<preset>`) and build working loaders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from ssi.data.config import build_dataloader, build_dataset, set_loader_epoch, to_container
+from ssi.data.sources import DataValidationError
+from ssi.tokenizer import load_tokenizer
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PRESETS = sorted(p.stem for p in (CONF / "data" / "cpt").glob("*.yaml") if not p.stem.startswith("_"))
+FRAME_RATES = {
+    "mls_hubert_large_l22": (5000, 50.0),
+    "mls_speechtokenizer_rvq0": (1024, 50.0),
+    "mls_mimi_srvq0": (2048, 12.5),
+    "mls_focalcodec_50hz": (8192, 50.0),
+    "synthetic": (300, 50.0),
+}
+
+
+def data_config(preset: str, *overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="inspect_data", overrides=[f"data={preset}", "model_dir=unused", *overrides])
+    return to_container(cfg.data)
+
+
+def test_every_preset_exists_for_cpt_and_sft() -> None:
+    assert set(PRESETS) == set(FRAME_RATES)
+    sft = sorted(p.stem for p in (CONF / "data" / "sft").glob("*.yaml"))
+    assert sft == PRESETS
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("kind", ["cpt", "sft"])
+def test_preset_composes_with_documented_keys(preset: str, kind: str) -> None:
+    data = data_config(f"{kind}/{preset}")
+    assert data["kind"] == kind
+    encoder = data["encoder"]
+    assert (encoder["n_units"], encoder["sampling_rate"] / encoder["downsampling_ratio"]) == FRAME_RATES[preset]
+    for split in ("train", "dev", "test"):
+        assert data[split]["dataset"]["source"] == data["train"]["dataset"]["source"]
+        assert {"source", "split", "n_samples", "shuffle_seed"} <= set(data[split]["dataset"])
+        assert "batch_size" in data[split]["dataloader"]
+    assert {"type", "mixture", "span", "dedup", "modality_tokens", "max_seq_len"} <= set(data["sequence"])
+    assert {"system_prompt", "train_on_input"} <= set(data["sft"])
+
+
+def test_every_key_of_the_common_preset_is_commented() -> None:
+    lines = (CONF / "data" / "_common.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped.endswith(":"):
+            continue
+        context = "\n".join(lines[max(0, i - 12) : i + 1])
+        assert "#" in context, f"undocumented key near line {i + 1}: {line!r}"
+
+
+def test_overrides_reach_dev_and_test_sources() -> None:
+    data = data_config("cpt/synthetic", "data.train.dataset.source=/elsewhere")
+    assert data["dev"]["dataset"]["source"] == data["test"]["dataset"]["source"] == "/elsewhere"
+
+
+def test_synthetic_presets_build_padded_and_packed_loaders(tiny_extended_dir: Path, synthetic_corpus_dir: Path) -> None:
+    tok = load_tokenizer(tiny_extended_dir)
+    src = f"data.train.dataset.source={synthetic_corpus_dir}"
+    cpt = data_config("cpt/synthetic", src, "data.sequence.max_seq_len=256")
+    built = build_dataset(cpt, "train", tok)
+    assert len(built.dataset) == 64 and built.report.n_kept == 64 and built.encoder.fps == 50.0
+    loader = build_dataloader(cpt, "train", built, tok)
+    set_loader_epoch(loader, 1)
+    batch = next(iter(loader))
+    assert batch["tokens"].shape[0] == 8 and batch["labels"].shape == batch["tokens"].shape
+    assert int(batch["token_counts"]["dsu"]) > 0 and int(batch["token_counts"]["text"]) > 0
+    assert built.dataset.epoch == 1
+
+    packing = ["data.packing.enabled=true", "data.sequence.max_seq_len=256", "data.train.dataloader.batch_size=4"]
+    packed_cfg = data_config("cpt/synthetic", src, *packing)
+    packed = build_dataloader(packed_cfg, "train", build_dataset(packed_cfg, "train", tok), tok, rank=1, world_size=2)
+    set_loader_epoch(packed, 0)
+    batch = next(iter(packed))
+    assert batch["tokens"].shape == (4, 256) and batch["mask"].shape == (4, 256, 256)
+
+    sft = data_config("sft/synthetic", src)
+    dev = build_dataset(sft, "dev", tok, inference=True)
+    example = dev.dataset[0]
+    assert example["id"].startswith("synth_validation_") and example["tokens"][-1] == 10  # "\n\n" ends the header
+    with pytest.raises(DataValidationError, match="inference prompts are built from SFT presets"):
+        build_dataset(cpt, "dev", tok, inference=True)
+
+
+def test_preset_encoder_must_fit_the_model(tiny_extended_dir: Path, synthetic_corpus_dir: Path) -> None:
+    tok = load_tokenizer(tiny_extended_dir)
+    cfg = data_config("cpt/mls_hubert_large_l22", f"data.train.dataset.source={synthetic_corpus_dir}")
+    with pytest.raises(DataValidationError, match="5000 units but the model manifest has n_dsus=300"):
+        build_dataset(cfg, "train", tok)
