@@ -162,6 +162,24 @@ def test_rope_configuration_is_honoured(rope: str, tiny_extended_dir: Path, tmp_
     assert (tune_logits(hub_rope, ids) - reference).abs().max() > 10 * max(error, 1e-5)
 
 
+def test_meta_device_build_materialises_like_torchtunes_distributed_recipe(
+    tiny_extended_dir: Path, tmp_path: Path
+) -> None:
+    """FSDP recipes build on the meta device, allocate later and call rope_init() themselves (RoPE
+    buffers are not in the state dict): the replaced RoPE must follow that path too."""
+    model_dir = copy_dir(tiny_extended_dir, tmp_path / "model")
+    edit_json(model_dir / "config.json", **ROPE_CONFIGS["llama3-custom"])
+    with torch.device("meta"):
+        model = build_model(model_dir)
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        if hasattr(module, "rope_init"):
+            module.rope_init()
+    model.load_state_dict(SpeechCheckpointer(model_dir, progress=False).load_checkpoint()["model"])
+    ids = input_ids(read_architecture(model_dir).vocab_size, seq_len=64)
+    torch.testing.assert_close(tune_logits(model.eval(), ids), hf_logits(model_dir, ids), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("shape", "n_params"),
     [(LLAMA_3_2_1B, 1_235_814_400), (LlamaShape(3072, 28, 24, 8, 1.0, 256), 3_212_749_824)],
