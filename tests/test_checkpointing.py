@@ -581,3 +581,56 @@ def test_bad_save_requests_are_refused(tiny_extended_dir: Path, tmp_path: Path) 
     with pytest.raises(CheckpointError, match="no output_dir"):
         SpeechCheckpointer(tiny_extended_dir).save_checkpoint({"model": state}, epoch=0, step=1)
     assert not (tmp_path / "run").exists()  # refusals happen before anything is written
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+
+def test_checkpointer_instantiates_from_a_torchtune_config(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    """How a recipe builds it: torchtune's config.instantiate on a `checkpointer:` YAML section."""
+    from omegaconf import OmegaConf
+    from torchtune import config
+
+    section = OmegaConf.create(
+        {
+            "_component_": "ssi.checkpointing.SpeechCheckpointer",
+            "checkpoint_dir": str(tiny_extended_dir),
+            "output_dir": str(tmp_path / "run"),
+            "dtype": "bf16",
+            "max_shard_size": "1GB",
+        }
+    )
+    checkpointer = config.instantiate(section, should_load_recipe_state=False, progress=False)
+    assert isinstance(checkpointer, SpeechCheckpointer)
+    assert (checkpointer.save_dtype, checkpointer.max_shard_size) == (torch.bfloat16, 10**9)
+    assert checkpointer.vocab.n_dsus == 300
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1.5 kb", 1500), (4096, 4096)]
+)
+def test_shard_sizes_parse_like_transformers(text: str | int, size: int) -> None:
+    assert ckpt_mod.parse_size(text) == size
+
+
+def test_transformers5_dtype_key_is_kept(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    """A config.json written by transformers 5 names the dtype `dtype`; the saved one keeps that key."""
+    model_dir = copy_dir(tiny_extended_dir, tmp_path / "model")
+    edit_json(model_dir / "config.json", torch_dtype=None, dtype="float32")
+    checkpointer = SpeechCheckpointer(model_dir, tmp_path / "run", dtype="bf16", progress=False)
+    saved = checkpointer.save_checkpoint(checkpointer.load_checkpoint(), epoch=0, step=1)
+    config = read_json(saved / "config.json")
+    assert config["dtype"] == "bfloat16" and "torch_dtype" not in config
+
+
+def test_tied_checkpoint_storing_lm_head_is_read_like_transformers(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    """Some exporters store lm_head.weight even with tied embeddings; transformers ignores the copy."""
+    model_dir = copy_dir(tiny_extended_dir, tmp_path / "model")
+    tensors = safetensors_of(model_dir)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_tensors(model_dir / "model.safetensors", tensors)
+    checkpointer = SpeechCheckpointer(model_dir, tmp_path / "run", progress=False)
+    state = checkpointer.load_checkpoint()
+    assert "output.weight" not in state["model"]
+    saved = checkpointer.save_checkpoint(state, epoch=0, step=1)
+    assert "lm_head.weight" not in safetensors_of(saved)
