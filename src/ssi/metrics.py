@@ -29,7 +29,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -461,12 +461,23 @@ def _atomic_write_text(path: Path, text: str, overwrite: bool) -> None:
 
 
 def _per_utterance_jsonl(utterances: list[UtteranceErrors]) -> str:
-    worst_first = sorted(utterances, key=lambda u: (-u.wer, -u.errors, u.id))
+    keyed = sorted(((-u.wer, -u.errors, u.id), u) for u in utterances)
     lines = []
-    for u in worst_first:
-        # JSON has no infinity: an utterance with insertions against an empty reference gets wer null.
-        row = {"wer": None if math.isinf(u.wer) else u.wer, "errors": u.errors, "reference_words": u.reference_words}
-        lines.append(json.dumps({"id": u.id, **row, **asdict(u)}, ensure_ascii=False))
+    for (neg_wer, _, _), u in keyed:
+        row = {
+            "id": u.id,
+            # JSON has no infinity: insertions against an empty (normalised) reference get wer null.
+            "wer": None if math.isinf(neg_wer) else -neg_wer,
+            "errors": u.errors,
+            "reference_words": u.reference_words,
+            "substitutions": u.substitutions,
+            "deletions": u.deletions,
+            "insertions": u.insertions,
+            "hits": u.hits,
+            "reference": u.reference,
+            "hypothesis": u.hypothesis,
+        }
+        lines.append(json.dumps(row, ensure_ascii=False))
     return "\n".join(lines) + "\n"
 
 
