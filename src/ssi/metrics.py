@@ -290,7 +290,7 @@ def _normalize_chunk(name: str, texts: list[str]) -> list[str]:
 
 
 def default_workers() -> int:
-    """CPUs this process may use (respects Slurm/taskset binding), capped: normalisation scales no further."""
+    """CPUs this process may use (respects Slurm/taskset binding), at most 16 so a shared node is not flooded."""
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(available, 16))
 
@@ -628,6 +628,13 @@ def format_summary(summary: dict[str, Any]) -> str:
 # --- command line ----------------------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wer.py",
@@ -681,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing wer.json / per-utterance file")
     parser.add_argument(
         "--workers",
-        type=int,
+        type=_positive_int,
         default=None,
         help="processes for text normalisation (default: usable CPUs, at most 16)",
     )
