@@ -77,6 +77,8 @@ _DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
 }
+# low_freq_factor, high_freq_factor and original context that torchtune's llama3_2 builder hard-codes.
+_BUILDER_ROPE = (1.0, 4.0, 8192)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -316,15 +318,8 @@ def build_model(
         scale_factor=scaling.factor if scaling else 1,
         tie_word_embeddings=arch.tie_word_embeddings,
     )
-    builder_default = (1.0, 4.0, 8192)
-    if (
-        scaling is None
-        or (
-            scaling.low_freq_factor,
-            scaling.high_freq_factor,
-            scaling.original_max_position_embeddings,
-        )
-        != builder_default
+    if scaling is None or (
+        (scaling.low_freq_factor, scaling.high_freq_factor, scaling.original_max_position_embeddings) != _BUILDER_ROPE
     ):
         rope = _rope_module(arch, max_seq_len)
         for layer in model.layers:  # one module shared by all layers, as the builder does
