@@ -75,18 +75,35 @@ class SFTDataset(torch.utils.data.Dataset):
         return messages
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.build(index).as_dict(self.inference)
+
+    def build(self, index: int) -> SFTExample:
+        """The example with its id, reference and whether it was truncated (for inspection and statistics)."""
         row = self.ds[int(index)]
         sample_id = str(row[self.columns.id])
         tokens, mask = self.tokenizer.tokenize_messages(self.messages(row), add_end_tokens=not self.inference)
         limit = self.options.max_seq_len
-        if self.inference:
-            if limit is not None and len(tokens) > limit:
-                raise DataValidationError(
-                    f"sample {sample_id!r}: the prompt has {len(tokens)} tokens, more than max_seq_len={limit}; "
-                    "raise max_seq_len (a truncated prompt would lose the assistant header)"
-                )
-            return {"tokens": tokens, "id": sample_id, "reference": row[self.columns.transcript]}
-        if limit is not None and len(tokens) > limit:
+        truncated = limit is not None and len(tokens) > limit
+        if truncated and self.inference:
+            raise DataValidationError(
+                f"sample {sample_id!r}: the prompt has {len(tokens)} tokens, more than max_seq_len={limit}; "
+                "raise max_seq_len (a truncated prompt would lose the assistant header)"
+            )
+        if truncated:
             tokens, mask = tokens[:limit], mask[:limit]
         labels = [CROSS_ENTROPY_IGNORE_IDX if m else t for t, m in zip(tokens, mask, strict=True)]
-        return {"tokens": tokens, "labels": labels}
+        return SFTExample(sample_id, row[self.columns.transcript], tokens, labels, truncated)
+
+
+@dataclass
+class SFTExample:
+    id: str
+    reference: str
+    tokens: list[int]
+    labels: list[int]  # -100 exactly where torchtune's mask is set
+    truncated: bool
+
+    def as_dict(self, inference: bool) -> dict[str, Any]:
+        if inference:
+            return {"tokens": self.tokens, "id": self.id, "reference": self.reference}
+        return {"tokens": self.tokens, "labels": self.labels}
