@@ -206,3 +206,16 @@ def test_word_cache_equals_encoding_the_joined_span(tok) -> None:
         ["the", "the", "the"],
     ):
         assert cache.span(words) == tok.encode(" ".join(words), add_bos=False, add_eos=False)
+
+
+def test_modality_tokens_need_a_model_extended_with_them(tiny_base_dir: Path, tmp_path: Path, hand_made) -> None:
+    from ssi.data.sft import SFTDataset, SFTOptions
+    from ssi.extend import extend_model_dir
+
+    plain = load_tokenizer(extend_model_dir(tiny_base_dir, tmp_path / "m", 300, modality_tokens=False, progress=False))
+    with pytest.raises(DataValidationError, match="extended without modality tokens"):
+        CPTDataset(hand_made, plain, 50.0, CPTOptions())
+    with pytest.raises(DataValidationError, match="extended without modality tokens"):
+        SFTDataset(hand_made, plain, SFTOptions())
+    tokens = CPTDataset(hand_made, plain, 50.0, CPTOptions("dsu_only", modality_tokens=False)).build(0).tokens
+    assert tokens == [BOS, *dsu(SPEECH), EOS] and plain.vocab.vocab_size == 2556
