@@ -497,6 +497,30 @@ def test_resolve_latest_and_prune(tiny_extended_dir: Path, tmp_path: Path) -> No
         prune_checkpoints(run, keep_last_n=0)
 
 
+def test_prune_defers_what_it_cannot_delete_yet(
+    tiny_extended_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On NFS a checkpoint whose files are still open elsewhere cannot be removed: training goes on,
+    the checkpoint is already out of sight, and the next prune finishes the job."""
+    run = tmp_path / "run"
+    checkpointer = SpeechCheckpointer(tiny_extended_dir, run, progress=False)
+    state = checkpointer.load_checkpoint()
+    old, new = (checkpointer.save_checkpoint(state, epoch=0, step=s) for s in (1, 2))
+    real_rmtree = shutil.rmtree
+
+    def busy(path: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(39, "Directory not empty", str(path))
+
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", busy)
+    assert prune_checkpoints(run, keep_last_n=1) == [old]
+    assert [c.path for c in list_checkpoints(run)] == [new]
+    hidden = [p.name for p in old.parent.iterdir() if p.name.startswith(".")]
+    assert len(hidden) == 1 and hidden[0].startswith(".global_step_1.deleting-")
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", real_rmtree)
+    assert prune_checkpoints(run, keep_last_n=1) == []
+    assert sorted(p.name for p in old.parent.iterdir()) == ["global_step_2"]
+
+
 def test_damaged_checkpoint_is_skipped_by_latest(tiny_extended_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     checkpointer = SpeechCheckpointer(tiny_extended_dir, run, progress=False)

@@ -68,7 +68,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 _EPOCH_RE = re.compile(r"^epoch_(\d+)$")
 _STEP_RE = re.compile(r"^global_step_(\d+)$")
 # Hidden names of a checkpoint being written (ssi.hf_dir.atomic_output_dir) or deleted, by process id.
-_LEFTOVER_RE = re.compile(r"^\.global_step_\d+\.(?:partial|deleting)-(\d+)$")
+_LEFTOVER_RE = re.compile(r"^\.global_step_\d+\.(partial|deleting)-(\d+)$")
 _DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -523,7 +523,9 @@ class SpeechCheckpointer:
     # --- load ------------------------------------------------------------------------------------------
     def load_checkpoint(self) -> dict[str, Any]:
         """{"model": torchtune state dict in the file dtype} (+ the training state when
-        `should_load_recipe_state`). Tensors are read and converted one at a time."""
+        `should_load_recipe_state`). Tensors are read and converted one at a time; most are
+        copy-on-write memory maps of the files (no second copy of the model), so copy them into the
+        model (`load_state_dict`, not `assign=True`) and drop the dict, which releases the files."""
         t0 = time.perf_counter()
         arch = self.architecture
         by_file: dict[Path, list[str]] = {}
@@ -723,32 +725,37 @@ def resolve_checkpoint(output_dir: str | Path, spec: str | Path, missing_ok: boo
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last_n: int) -> list[Path]:
-    """Delete all but the newest `keep_last_n` checkpoints; returns the deleted paths. Each is first
+    """Delete all but the newest `keep_last_n` checkpoints; returns the pruned paths. Each is first
     renamed to a hidden name, so a crash mid-delete never leaves a visible half-deleted checkpoint.
 
-    Hidden leftovers of saves or deletions that another process started and never finished (a job
-    killed mid-save) are removed too: call this only from the one process that writes the run's
-    checkpoints (rank 0), never while another job writes into the same output_dir."""
+    Hidden leftovers of saves that another process started and never finished (a job killed
+    mid-save) are removed too: call this only from the one process that writes the run's
+    checkpoints (rank 0), never while another job writes into the same output_dir. A folder that
+    cannot be deleted yet (on NFS, files still open elsewhere) is logged and retried at the next
+    call: pruning never stops a training run."""
     if keep_last_n < 1:
         raise CheckpointError(f"keep_last_n must be >= 1, got {keep_last_n}")
-    removed = []
+    pruned = []
     for ckpt in list_checkpoints(output_dir)[:-keep_last_n]:
-        doomed = ckpt.path.with_name(f".{ckpt.path.name}.deleting-{os.getpid()}")
-        ckpt.path.rename(doomed)
-        shutil.rmtree(doomed)
-        removed.append(ckpt.path)
+        ckpt.path.rename(ckpt.path.with_name(f".{ckpt.path.name}.deleting-{os.getpid()}"))
+        pruned.append(ckpt.path)
         log.info("pruned %s (keep_last_n=%d)", ckpt.path, keep_last_n)
     root = Path(output_dir) / CHECKPOINTS_DIR
     epoch_dirs = [d for d in root.iterdir() if _EPOCH_RE.match(d.name) and d.is_dir()] if root.is_dir() else []
     for epoch_dir in epoch_dirs:
         for leftover in sorted(epoch_dir.iterdir()):
             match = _LEFTOVER_RE.match(leftover.name)
-            if match and int(match.group(1)) != os.getpid():
-                log.warning("removing %s, left by an interrupted checkpoint save or prune", leftover)
+            if not match or (match.group(1) == "partial" and int(match.group(2)) == os.getpid()):
+                continue  # not ours to delete, or a save of this very process
+            if match.group(1) == "partial":
+                log.warning("removing %s, left by an interrupted checkpoint save", leftover)
+            try:
                 shutil.rmtree(leftover)
+            except OSError as err:
+                log.warning("could not delete %s yet (%s); retrying at the next prune", leftover, err)
         if not any(epoch_dir.iterdir()):
             epoch_dir.rmdir()
-    return removed
+    return pruned
 
 
 def training_state_dir(ckpt_dir: str | Path) -> Path:
@@ -760,11 +767,12 @@ def load_training_state(ckpt_dir: str | Path, weights_only: bool = True) -> dict
 
     `weights_only=True` (torch's safe loader) accepts tensors and plain Python containers/numbers;
     store e.g. numpy RNG state as a tensor or list, or pass `weights_only=False` for trusted files.
-    Tensors are memory-mapped, so a large optimizer state is paged in as the optimizer takes it."""
+    Read eagerly, not memory-mapped: an optimizer keeps the tensors it is given, and a mapping would
+    hold the file open for the whole run (on NFS that blocks pruning the checkpoint)."""
     path = training_state_dir(ckpt_dir) / TRAINING_STATE_FILE
     if not path.is_file():
         raise CheckpointError(
             f"{ckpt_dir} has no {TRAINING_STATE_DIR}/{TRAINING_STATE_FILE}: it holds weights only and cannot "
             f"resume a run (start a new run from it with checkpointer.checkpoint_dir={ckpt_dir})"
         )
-    return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    return torch.load(path, map_location="cpu", weights_only=weights_only)
