@@ -759,6 +759,7 @@ def prune_checkpoints(output_dir: str | Path, keep_last_n: int) -> list[Path]:
 
 
 def training_state_dir(ckpt_dir: str | Path) -> Path:
+    """Where a checkpoint keeps its resume state (and whatever a `training_state_writer` added)."""
     return Path(ckpt_dir) / TRAINING_STATE_DIR
 
 
