@@ -80,6 +80,8 @@ def test_folder_of_split_named_files(synthetic_corpus_dir: Path) -> None:
     assert source_kind(SourceSpec(str(synthetic_corpus_dir)))[0] == "folder"
     ds = load_source(SourceSpec(str(synthetic_corpus_dir), split="validation"), COLS)
     assert len(ds) == 16 and ds[0]["ID"].startswith("synth_validation_")
+    head = load_source(SourceSpec(str(synthetic_corpus_dir), split="test", n_samples=3), COLS)
+    assert head["ID"] == ["synth_test_000000", "synth_test_000001", "synth_test_000002"]
 
 
 def test_source_kinds_and_bad_paths(tmp_path: Path) -> None:
