@@ -94,6 +94,13 @@ def test_corpus_wer_equals_one_jiwer_call_on_hand_cases() -> None:
     assert result.hypothesis_words == sum(len(h.split()) for h in hyps)
 
 
+def test_evaluate_wer_documented_example() -> None:
+    """The example in the docstring of Hugging Face evaluate's "wer" metric, which documents 0.5."""
+    predictions = ["this is the prediction", "there is an other sample"]
+    references = ["this is the reference", "there is another one"]
+    assert compute_wer(["1", "2"], references, predictions, normalizer="none", progress=False).wer == 0.5
+
+
 def test_random_pairs_match_jiwer_per_utterance() -> None:
     """Short and >64-word utterances (rapidfuzz switches algorithms there), tiny vocabulary, empty sides."""
     rng = random.Random(7)
