@@ -119,7 +119,12 @@ def source_kind(spec: SourceSpec) -> tuple[SourceKind, list[str]]:
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             return "disk", [str(path)]
         return "folder", [str(path)]
-    looks_local = path.suffix in _DATA_SUFFIXES or any(c in text for c in _GLOB_CHARS) or path.exists()
+    looks_local = (
+        path.suffix in _DATA_SUFFIXES
+        or any(c in text for c in _GLOB_CHARS)
+        or path.exists()
+        or text.startswith(("/", ".", "~"))  # hub ids never start like a path: a missing local source is an error
+    )
     if not looks_local:
         return "hub", [text]
     files = sorted(glob.glob(str(path)))
