@@ -527,3 +527,20 @@ def test_lines_without_reference_field_are_counted(tmp_path: Path) -> None:
     assert outputs(path) == []
     summary = score_generations(path, allow_missing=True, progress=False)
     assert (summary["n_utterances"], summary["n_hypotheses_without_reference"], summary["wer"]) == (2, 1, 1 / 4)
+
+
+def test_references_option_overrides_reference_fields(tmp_path: Path) -> None:
+    rows = [{"id": "a", "text": "hello world", "reference": "stale text"}]
+    path = write_jsonl(tmp_path / "g" / "generations.jsonl", rows)
+    ref_file = write_jsonl(tmp_path / "refs.jsonl", [{"ID": "a", "transcript": "hello world"}])
+    summary = score_generations(path, references=ref_file, progress=False)
+    assert summary["wer"] == 0 and summary["references"] == str(ref_file.absolute())
+
+
+def test_stale_per_utterance_file_is_flagged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_jsonl(tmp_path / "g" / "generations.jsonl", [{"id": "a", "text": "a", "reference": "a"}])
+    score_generations(path, per_utterance=True, progress=False)
+    with caplog.at_level("WARNING", logger="ssi.metrics"):
+        summary = score_generations(path, overwrite=True, progress=False)
+    assert summary["per_utterance"] is None
+    assert f"{PER_UTTERANCE_JSONL} is from an earlier scoring" in caplog.text
