@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,13 @@ def test_sft_report_shows_masking_and_truncation(tok, synthetic_corpus_dir: Path
     assert "<|start_header_id|>assistant<|end_header_id|>" in text and "trained label positions:" in text
     prompts = report(tok, synthetic_corpus_dir, "data=sft/synthetic", "split=test", "inference=true", "n_stats=4")
     assert "--- reference: " in prompts and "synth_test_000000" in prompts
+
+
+def test_inspect_script_runs_through_hydra(tiny_extended_dir: Path, synthetic_corpus_dir: Path, tmp_path: Path) -> None:
+    script = CONF.parent / "scripts" / "inspect_data.py"
+    cmd = [sys.executable, str(script), f"model_dir={tiny_extended_dir}", "data=sft/synthetic"]
+    cmd += [f"data.train.dataset.source={synthetic_corpus_dir}", "n_examples=1", "n_stats=4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "=== example 0: synth_train_000000" in done.stdout and "statistics over the first 4 of 64" in done.stdout
+    assert list(tmp_path.iterdir()) == []  # an inspection writes nothing
