@@ -4,6 +4,7 @@ The public entry points are re-exported here so that recipes import from `ssi.da
 """
 
 from ssi.data.collate import TokenKinds, collate_packed, collate_padded, count_token_kinds
+from ssi.data.config import BuiltSplit, build_dataloader, build_dataset, set_loader_epoch
 from ssi.data.cpt import CPTDataset, CPTOptions, SpanSampler, speech_span
 from ssi.data.packing import PackedDataset
 from ssi.data.sft import SFTDataset, SFTOptions
@@ -18,6 +19,7 @@ from ssi.data.sources import (
 )
 
 __all__ = [
+    "BuiltSplit",
     "CPTDataset",
     "CPTOptions",
     "ColumnNames",
@@ -30,10 +32,13 @@ __all__ = [
     "SpanSampler",
     "TokenKinds",
     "ValidationReport",
+    "build_dataloader",
+    "build_dataset",
     "collate_packed",
     "collate_padded",
     "count_token_kinds",
     "load_source",
+    "set_loader_epoch",
     "speech_span",
     "validate_dataset",
 ]
