@@ -1,0 +1,73 @@
+"""Real Slurm: the documented sbatch snippet checkpoints on the pre-timeout signal, requeues itself,
+resumes from `latest` and ends with the uninterrupted run's weights.
+
+Needs a running cluster (`.ci/run` starts one with snippets/local_slurm.sh); otherwise skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .test_training import corpus, final_weights, metrics, overrides, run  # noqa: F401 (corpus is a fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _slurm_unavailable() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "Slurm is not installed (start a local cluster: sudo snippets/local_slurm.sh start)"
+    status = subprocess.run(["bash", str(REPO / "snippets/local_slurm.sh"), "status"], capture_output=True)
+    return None if status.returncode == 0 else "no Slurm partition answers (sudo snippets/local_slurm.sh start)"
+
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.skipif(_slurm_unavailable() is not None, reason=_slurm_unavailable() or ""),
+]
+
+
+def job_field(job: str, field: str) -> str:
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    match = re.search(rf"\b{field}=(\S+)", shown)
+    return match.group(1) if match else ""
+
+
+def test_sbatch_snippet_survives_preemption(tiny_extended_dir, corpus, tmp_path) -> None:  # noqa: F811
+    common = ["max_steps=30", "save_steps=1000", "eval_steps=1000"]
+    run("cpt", overrides("cpt", tiny_extended_dir, corpus, tmp_path / "reference", *common))
+
+    out = tmp_path / "slurm-run"
+    args = overrides("cpt", tiny_extended_dir, corpus, out, *common)
+    submit = subprocess.run(
+        ["sbatch", "--parsable", f"--output={tmp_path}/slurm-%j.out", str(REPO / "snippets/train.sbatch"),
+         "cpt", str(out), *[a for a in args if not a.startswith("output_dir=")]],
+        cwd=REPO, env={**os.environ, "SSI_PYTHON": sys.executable}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    job = submit.stdout.strip().split(";")[0]
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and 3 not in (metrics(out) if (out / "logs").is_dir() else {}):
+            time.sleep(0.5)
+        assert 3 in metrics(out), f"job {job} did not reach step 3: {job_field(job, 'JobState')}"
+        subprocess.run(["scancel", "--signal=USR1", job], check=True)  # what --signal=USR1@300 delivers
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and job_field(job, "JobState") not in ("COMPLETED", "FAILED", "CANCELLED"):
+            time.sleep(1)
+        log = (tmp_path / f"slurm-{job}.out").read_text()
+        assert job_field(job, "JobState") == "COMPLETED", log[-3000:]
+        assert job_field(job, "Restarts") == "1", log[-3000:]
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    assert "requeueing job" in log and "resume_from_checkpoint=latest" in log
+    steps = sorted(int(p.name.removeprefix("global_step_")) for p in out.glob("checkpoints/epoch_*/global_step_*"))
+    assert len(steps) == 2 and 3 <= steps[0] < 30 and steps[1] == 30, steps
+    assert final_weights(out, 30) == final_weights(tmp_path / "reference", 30)
