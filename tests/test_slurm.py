@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from .test_training import corpus, final_weights, metrics, overrides, run  # noqa: F401 (corpus is a fixture)
+from ssi.run_logs import read_metrics as metrics
+
+from .test_training import corpus, final_weights, overrides, run  # noqa: F401 (corpus is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 

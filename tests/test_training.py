@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,12 +16,12 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from ssi.data.synthetic import SyntheticSpec, make_synthetic_dataset
+from ssi.run_logs import read_metrics as metrics
 from ssi.training import EXIT_PREEMPTED, RecipeError, SpeechTrainingRecipe, run_recipe
 
 from .conftest import N_TEST_DSUS
 
 REPO = Path(__file__).resolve().parents[1]
-STEP_LINE = re.compile(r"^Step (\d+) \| (.*)$")
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +61,6 @@ def run(kind: str, args: list[str], evaluate_first: bool = False) -> tuple[Speec
     finally:
         recipe.cleanup()
     return recipe, code, initial
-
-
-def metrics(run_dir: Path) -> dict[int, dict[str, str]]:
-    """Per-step metrics from the run's disk logs (later files win, as after a resume)."""
-    steps: dict[int, dict[str, str]] = {}
-    for path in sorted((run_dir / "logs").glob("log_*.txt")):
-        for line in path.read_text().splitlines():
-            match = STEP_LINE.match(line)
-            if match:
-                fields = dict(kv.split(":", 1) for kv in match.group(2).split())
-                steps.setdefault(int(match.group(1)), {}).update(fields)
-    return steps
 
 
 def final_weights(run_dir: Path, step: int) -> bytes:
@@ -163,6 +150,13 @@ def test_resume_refuses_changed_settings_unless_forced(tiny_extended_dir, corpus
         SpeechTrainingRecipe(make_cfg("cpt", changed), "cpt").setup()
     _, code, _ = run("cpt", [*changed, "force_resume=true"])
     assert code == 0 and 4 in metrics(out)
+    plot = subprocess.run([sys.executable, str(REPO / "scripts/plot_losses.py"), str(out), "--output",
+                           str(tmp_path / "losses.png")], capture_output=True, text=True)  # fmt: skip
+    assert plot.returncode == 0, plot.stderr
+    assert (tmp_path / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = subprocess.run([sys.executable, str(REPO / "scripts/plot_losses.py"), str(out), "--output",
+                            str(tmp_path / "losses.png")], capture_output=True, text=True)  # fmt: skip
+    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
 
 
 def test_new_embeddings_mode_leaves_everything_else_bit_identical(tiny_extended_dir, corpus, tmp_path) -> None:
