@@ -1,0 +1,211 @@
+"""Training-step cost of the ssi CPT recipe against torchtune's own full_finetune_single_device recipe.
+
+Both recipes train the same tiny extended Llama (CPU, fp32) on the same interleaved CPT dataset (ssi's,
+handed to torchtune's recipe as its dataset component) with the same batch size, optimizer and chunked
+loss, for the same number of steps; each `train()` is timed in this process, alternating, best of
+`--repeats`. Target (issue 4): ssi / torchtune <= 1.05.
+
+Then packed vs padded batches on MLS-like lengths (~15 s utterances at 50 Hz): useful (non-padding)
+tokens per second of the ssi recipe with `data.packing.enabled` on and off.
+
+    python bench/bench_train.py [--steps 40] [--repeats 3] [--workdir /tmp/ssi-bench-train]
+
+GPU figures (tokens/s and MFU for Llama-3.2-1B-shaped CPT at seq 768/2048, bf16, compile on/off) need a
+CUDA machine: run with `--device cuda` there (not measured on CPU-only machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torchtune
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ssi.data.config import build_dataset
+from ssi.data.synthetic import SyntheticSpec, make_synthetic_dataset
+from ssi.extend import extend_model_dir
+from ssi.hf_dir import read_json
+from ssi.run_logs import read_metrics
+from ssi.testing import write_llama_dir
+from ssi.training import SpeechTrainingRecipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torchtune_dataset(tokenizer, preset: dict):
+    """torchtune dataset component: ssi's CPT training split (torchtune passes its tokenizer first)."""
+    return build_dataset(OmegaConf.create(preset), "train", tokenizer).dataset
+
+
+def ssi_cfg(model_dir: Path, corpus: Path, out: Path, steps: int, batch: int, *extra: str):
+    overrides = [
+        "model=tiny",
+        "data=cpt/synthetic",
+        f"data.train.dataset.source={corpus}",
+        f"checkpointer.checkpoint_dir={model_dir}",
+        f"output_dir={out}",
+        f"max_steps={steps}",
+        f"save_steps={steps}",
+        "eval_steps=100000",
+        "progress=false",
+        "log_steps=100000",
+        f"data.train.dataloader.batch_size={batch}",
+        "clip_grad_norm=null",
+        "lr_scheduler.num_warmup_steps=2",
+        *extra,
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return compose(config_name="cpt", overrides=overrides)
+
+
+def torchtune_cfg(model_dir: Path, preset: dict, out: Path, steps: int, batch: int, lr: float):
+    config = read_json(model_dir / "config.json")
+    return OmegaConf.create(
+        {
+            "output_dir": str(out),
+            "tokenizer": {"_component_": "ssi.tokenizer.load_tokenizer", "model_dir": str(model_dir)},
+            "dataset": {"_component_": "bench_train.torchtune_dataset", "preset": preset},
+            "seed": 42,
+            "shuffle": True,
+            "batch_size": batch,
+            "model": {
+                "_component_": "torchtune.models.llama3_2._component_builders.llama3_2",
+                "vocab_size": config["vocab_size"],
+                "num_layers": config["num_hidden_layers"],
+                "num_heads": config["num_attention_heads"],
+                "num_kv_heads": config["num_key_value_heads"],
+                "embed_dim": config["hidden_size"],
+                "max_seq_len": preset["sequence"]["max_seq_len"],
+                "intermediate_dim": config["intermediate_size"],
+                "rope_base": config["rope_theta"],
+                "scale_factor": config["rope_scaling"]["factor"],
+                "tie_word_embeddings": config["tie_word_embeddings"],
+            },
+            "checkpointer": {
+                "_component_": "torchtune.training.FullModelHFCheckpointer",
+                "checkpoint_dir": str(model_dir),
+                "checkpoint_files": ["model.safetensors"],
+                "recipe_checkpoint": None,
+                "output_dir": str(out),
+                "model_type": "LLAMA3_2",
+            },
+            "resume_from_checkpoint": False,
+            "optimizer": {
+                "_component_": "torch.optim.AdamW",
+                "lr": lr,
+                "weight_decay": 0.01,
+                "betas": [0.9, 0.95],
+                "fused": False,
+            },
+            "lr_scheduler": {
+                "_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
+                "num_warmup_steps": 2,
+            },
+            "loss": {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss"},
+            "epochs": 1,
+            "max_steps_per_epoch": steps,
+            "gradient_accumulation_steps": 1,
+            "optimizer_in_bwd": False,
+            "clip_grad_norm": None,
+            "compile": False,
+            "device": "cpu",
+            "dtype": "fp32",
+            "enable_activation_checkpointing": False,
+            "enable_activation_offloading": False,
+            "metric_logger": {"_component_": "torchtune.training.metric_logging.DiskLogger", "log_dir": str(out)},
+            "log_every_n_steps": 100000,
+            "log_peak_memory_stats": False,
+            "profiler": {"_component_": "torchtune.training.setup_torch_profiler", "enabled": False},
+        }
+    )
+
+
+def time_ssi(cfg) -> float:
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    recipe = SpeechTrainingRecipe(cfg, "cpt")
+    recipe.setup()
+    start = time.perf_counter()
+    recipe.train()
+    elapsed = time.perf_counter() - start
+    recipe.cleanup()
+    return elapsed
+
+
+def time_torchtune(cfg) -> float:
+    # torchtune ships its recipes as files beside the package, deliberately not importable by name
+    path = Path(torchtune.__file__).parent.parent / "recipes" / "full_finetune_single_device.py"
+    spec = importlib.util.spec_from_file_location("torchtune_full_finetune_single_device", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    recipe = module.FullFinetuneRecipeSingleDevice(cfg)
+    recipe.setup(cfg)
+    start = time.perf_counter()
+    recipe.train()
+    elapsed = time.perf_counter() - start
+    recipe.cleanup()
+    return elapsed
+
+
+def useful_tokens_per_second(cfg) -> float:
+    time_ssi(cfg)
+    steps = read_metrics(cfg.output_dir)
+    useful = sum(m["text_tokens"] + m["dsu_tokens"] + m["special_tokens"] for m in steps.values())
+    seconds = sum(
+        (m["text_tokens"] + m["dsu_tokens"] + m["special_tokens"]) / m["tokens_per_second"] for m in steps.values()
+    )
+    return useful / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/ssi-bench-train"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    work = args.workdir
+    model_dir = extend_model_dir(write_llama_dir(work / "base"), work / "model", 300, progress=False)
+    corpus = make_synthetic_dataset(
+        work / "corpus", SyntheticSpec(n_train=1024, n_validation=16, n_test=16), progress=False
+    )
+
+    base = ssi_cfg(model_dir, corpus, work / "ssi", args.steps, args.batch)
+    preset = OmegaConf.to_container(base.data, resolve=True)
+    tt = torchtune_cfg(model_dir, preset, work / "torchtune", args.steps, args.batch, float(base.optimizer.lr))
+    ours, theirs = [], []
+    for _ in range(args.repeats):
+        theirs.append(time_torchtune(tt))
+        ours.append(time_ssi(base))
+    print(f"CPT step time, tiny model, batch {args.batch}, {args.steps} steps, best of {args.repeats}:")
+    print(f"  torchtune full_finetune_single_device  {min(theirs) / args.steps * 1e3:8.1f} ms/step")
+    print(f"  ssi recipes/cpt.py                     {min(ours) / args.steps * 1e3:8.1f} ms/step")
+    ratio = min(ours) / min(theirs)
+    print(f"  ssi / torchtune = {ratio:.3f}  (target <= 1.05) {'OK' if ratio <= 1.05 else 'MISSED'}")
+
+    mls_spec = SyntheticSpec(n_train=256, n_validation=8, n_test=8, min_words=25, max_words=55)
+    mls = make_synthetic_dataset(work / "mls-like", mls_spec, progress=False)
+    long = ["data.sequence.max_seq_len=2048"]
+    padded = useful_tokens_per_second(ssi_cfg(model_dir, mls, work / "padded", args.steps, 4, *long, "log_steps=1"))
+    packed = useful_tokens_per_second(
+        ssi_cfg(model_dir, mls, work / "packed", args.steps, 2, *long, "log_steps=1", "data.packing.enabled=true")
+    )
+    print("Useful (non-padding) tokens/s on MLS-like lengths (25-55 words, ~8-20 s at 50 Hz):")
+    print(
+        f"  padded batches {padded:10.0f}\n  packed batches {packed:10.0f}\n  packed / padded = {packed / padded:.2f}"
+    )
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
