@@ -186,6 +186,38 @@ def test_new_embeddings_mode_leaves_everything_else_bit_identical(tiny_extended_
     assert not torch.equal(emb_before[base:], emb_after[base:])
 
 
+def test_text_dev_loss_watches_forgetting(tiny_extended_dir, corpus, tmp_path, capsys) -> None:
+    import json
+
+    texts = tmp_path / "text.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"the cat sat on mat number {i}."}) + "\n" for i in range(10)))
+    args = overrides(
+        "cpt",
+        tiny_extended_dir,
+        corpus,
+        tmp_path / "run",
+        "max_steps=2",
+        "save_steps=2",
+        "eval_steps=1",
+        f"text_dev.source={texts}",
+        "text_dev.split=train",
+    )
+    run("cpt", args)
+    logged = metrics(tmp_path / "run")
+    assert 5.0 < logged[1]["text_dev_loss"] < 10.0 and "dev_loss" in logged[2]
+    bad = overrides(
+        "cpt",
+        tiny_extended_dir,
+        corpus,
+        tmp_path / "bad",
+        f"text_dev.source={texts}",
+        "text_dev.split=train",
+        "text_dev.column=content",
+    )
+    assert run_recipe(make_cfg("cpt", bad), "cpt") == 2
+    assert "no column 'content'; available columns: ['text']" in capsys.readouterr().err
+
+
 def test_packed_training_runs(tiny_extended_dir, corpus, tmp_path) -> None:
     args = overrides(
         "cpt",

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from torchtune import modules, training
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 from torchtune.training import metric_logging
@@ -58,6 +58,8 @@ from ssi.checkpointing import (
 )
 from ssi.data import DataValidationError, TokenKinds, collate_padded
 from ssi.data.config import build_dataloader, build_dataset, set_loader_epoch
+from ssi.data.sources import SourceSpec
+from ssi.data.text import TextDataset
 from ssi.sampling import GlobalBatchSampler
 from ssi.tokenizer import load_tokenizer
 
@@ -238,6 +240,7 @@ class SpeechTrainingRecipe:
             if self.dev_split is not None
             else None
         )
+        self.text_dev_loader = self._text_dev_loader()
         if env.is_main:
             log.info(
                 "data: %d train samples%s, global batch %d (%d x %d accumulation x %d ranks)%s",
@@ -249,6 +252,21 @@ class SpeechTrainingRecipe:
                 env.world_size,
                 ", packed" if self.packed else "",
             )
+
+    def _text_dev_loader(self) -> DataLoader | None:
+        """Plain-text dev set (`text_dev.source`) to watch forgetting of the base model's text ability."""
+        text_cfg = self.cfg.text_dev
+        if text_cfg.source is None:
+            return None
+        spec = SourceSpec(str(text_cfg.source), str(text_cfg.split), text_cfg.n_samples)
+        try:
+            dataset = TextDataset(spec, str(text_cfg.column), self.tokenizer, int(text_cfg.max_seq_len))
+        except DataValidationError as err:
+            raise RecipeError(str(err)) from None
+        # every rank runs the same number of batches (FSDP needs matching forwards): the sampler pads
+        sampler = DistributedSampler(dataset, self.env.world_size, self.env.rank, shuffle=False)
+        collate = partial(collate_padded, pad_id=self.tokenizer.pad_id, kinds=self.kinds)
+        return DataLoader(dataset, batch_size=int(text_cfg.batch_size), sampler=sampler, collate_fn=collate)
 
     def _setup_model(self, state_dict: dict[str, torch.Tensor]) -> modules.TransformerDecoder:
         cfg = self.cfg
@@ -490,8 +508,8 @@ class SpeechTrainingRecipe:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 if self.global_step % log_steps == 0 or self.global_step == 1:
                     self._log(metrics)
-                if self.dev_loader is not None and self.global_step % eval_steps == 0:
-                    self._log({"dev_loss": self.evaluate()})
+                if self.global_step % eval_steps == 0 and (losses := self.evaluate_all()):
+                    self._log(losses)
                 self._check_stop_signal()
                 if self.global_step % save_steps == 0 or self._stop_signal or self.global_step >= self.max_steps:
                     self.save_checkpoint()
@@ -575,14 +593,24 @@ class SpeechTrainingRecipe:
             metrics["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return metrics
 
+    def evaluate_all(self) -> dict[str, float]:
+        """`dev_loss` on the data preset's dev split and `text_dev_loss` on the text dev set, when configured."""
+        losses = {}
+        if self.dev_loader is not None:
+            losses["dev_loss"] = self.evaluate()
+        if self.text_dev_loader is not None:
+            losses["text_dev_loss"] = self.evaluate(self.text_dev_loader)
+        return losses
+
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Token-weighted dev loss over the whole dev split, reduced across ranks."""
-        assert self.dev_loader is not None
+    def evaluate(self, loader: DataLoader | None = None) -> float:
+        """Token-weighted loss over a whole evaluation loader (default: the dev split), reduced across ranks."""
+        loader = loader or self.dev_loader
+        assert loader is not None
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64)
-        set_loader_epoch(self.dev_loader, 0)
-        for batch in self.dev_loader:
+        set_loader_epoch(loader, 0)
+        for batch in loader:
             loss_sum, n_tokens = self._forward_sum(batch)
             totals += torch.tensor([float(loss_sum), n_tokens], dtype=torch.float64)
         totals = distributed.all_reduce_sum(totals.to(self.device), self.env).cpu()
@@ -594,7 +622,11 @@ class SpeechTrainingRecipe:
             return
         for logger in self.metric_loggers:
             logger.log_dict(metrics, step=self.global_step)
-        shown = {k: metrics[k] for k in ("loss", "dev_loss", "lr", "grad_norm", "tokens_per_second") if k in metrics}
+        shown = {
+            k: metrics[k]
+            for k in ("loss", "dev_loss", "text_dev_loss", "lr", "grad_norm", "tokens_per_second")
+            if k in metrics
+        }
         eta = ""
         if "tokens_per_second" in metrics and self.global_step:
             per_step = self.totals["train_seconds"] / max(self.global_step, 1)

@@ -140,7 +140,14 @@ def source_kind(spec: SourceSpec) -> tuple[SourceKind, list[str]]:
 
 
 def load_source(spec: SourceSpec, columns: ColumnNames) -> datasets.Dataset:
-    """Load one split as a map-style `datasets.Dataset` restricted to the configured columns.
+    """Load one split as a map-style `datasets.Dataset` restricted to the configured columns."""
+    ds = load_rows(spec)
+    check_columns(ds.column_names, columns, spec.resolved)
+    return ds.select_columns(columns.all())
+
+
+def load_rows(spec: SourceSpec) -> datasets.Dataset:
+    """Load one split of any source with all its columns (the speech schema is checked by `load_source`).
 
     With `n_samples`, hub/local-file sources are streamed and only the first N rows (after an optional
     seeded shuffle) are kept, so the rest is never downloaded or converted; a `save_to_disk` folder is
@@ -170,8 +177,7 @@ def load_source(spec: SourceSpec, columns: ColumnNames) -> datasets.Dataset:
             if not rows:
                 raise DataValidationError(f"{spec.resolved}: split {spec.split!r} is empty")
             ds = datasets.Dataset.from_list(rows, features=stream.features)
-    check_columns(ds.column_names, columns, spec.resolved)
-    return ds.select_columns(columns.all())
+    return ds
 
 
 def _shuffle_and_head(ds: datasets.Dataset, spec: SourceSpec) -> datasets.Dataset:
