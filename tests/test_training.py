@@ -370,3 +370,23 @@ def test_sigusr1_checkpoints_exits_for_requeue_and_resumes_exactly(tiny_extended
     resumed = subprocess.run(recipe_cmd("cpt", [*args, "resume_from_checkpoint=latest"]), capture_output=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert final_weights(out, 30) == final_weights(tmp_path / "reference", 30)
+
+
+@pytest.mark.slow
+def test_packed_two_processes_cross_epochs_without_hanging(tiny_extended_dir, corpus, tmp_path) -> None:
+    # ranks pack different numbers of rows; each epoch must end on every rank at the same step
+    args = overrides(
+        "cpt",
+        tiny_extended_dir,
+        corpus,
+        tmp_path / "run",
+        "max_steps=30",
+        "save_steps=1000",
+        "data.packing.enabled=true",
+        "data.sequence.max_seq_len=512",
+        "gradient_accumulation_steps=1",
+    )
+    done = subprocess.run(recipe_cmd("cpt", args, nproc=2), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = metrics(tmp_path / "run")
+    assert sorted(logged) == list(range(1, 31)) and logged[30]["epoch"] >= 2

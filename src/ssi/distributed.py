@@ -79,6 +79,12 @@ def all_reduce_max(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return value
 
 
+def all_reduce_min(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.is_distributed:
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value
+
+
 def barrier(env: DistEnv) -> None:
     if env.is_distributed:
         dist.barrier()

@@ -458,7 +458,13 @@ class SpeechTrainingRecipe:
         batches = iter(self.train_loader)
         for _ in range(self.step_in_epoch * self.grad_accum):  # packed: replay to the resume point
             next(batches, None)
-        yield from batches
+        # Ranks may hold different numbers of packs: the epoch ends for all when the first runs out.
+        while True:
+            batch = next(batches, None)
+            have = torch.tensor([batch is not None], dtype=torch.int32, device=self.device)
+            if batch is None or not distributed.all_reduce_min(have, self.env).item():
+                return
+            yield batch
 
     def _forward_sum(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """Summed token loss of one micro-batch and its number of label tokens."""
@@ -517,6 +523,9 @@ class SpeechTrainingRecipe:
                 if self.global_step >= self.max_steps or self._stop_signal:
                     break
             else:
+                if window["samples"]:  # packed epochs may end inside an accumulation window: drop it
+                    self.optimizer.zero_grad(set_to_none=True)
+                    window = self._new_window()
                 self.epoch += 1
                 self.step_in_epoch = 0
                 continue
