@@ -390,3 +390,18 @@ def test_packed_two_processes_cross_epochs_without_hanging(tiny_extended_dir, co
     assert done.returncode == 0, done.stderr[-3000:]
     logged = metrics(tmp_path / "run")
     assert sorted(logged) == list(range(1, 31)) and logged[30]["epoch"] >= 2
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_and_compile_train_the_same_model(tiny_extended_dir, corpus, tmp_path) -> None:
+    common = ["max_steps=3", "save_steps=1000", "gradient_accumulation_steps=1"]
+    run("cpt", overrides("cpt", tiny_extended_dir, corpus, tmp_path / "plain", *common))
+    run(
+        "cpt",
+        overrides("cpt", tiny_extended_dir, corpus, tmp_path / "ac", *common, "enable_activation_checkpointing=true"),
+    )
+    run("cpt", overrides("cpt", tiny_extended_dir, corpus, tmp_path / "compiled", *common, "compile=true"))
+    plain, ac, compiled = (metrics(tmp_path / name) for name in ("plain", "ac", "compiled"))
+    for step in (1, 2, 3):
+        assert ac[step]["loss"] == plain[step]["loss"]  # recomputation repeats the same arithmetic
+        assert compiled[step]["loss"] == pytest.approx(plain[step]["loss"], abs=1e-5)
