@@ -405,3 +405,17 @@ def test_activation_checkpointing_and_compile_train_the_same_model(tiny_extended
     for step in (1, 2, 3):
         assert ac[step]["loss"] == plain[step]["loss"]  # recomputation repeats the same arithmetic
         assert compiled[step]["loss"] == pytest.approx(plain[step]["loss"], abs=1e-5)
+
+
+def test_linear_cross_entropy_matches_chunked(tiny_extended_dir, corpus, tmp_path) -> None:
+    common = ["max_steps=3", "save_steps=1000", "eval_steps=3"]
+    run("cpt", overrides("cpt", tiny_extended_dir, corpus, tmp_path / "chunked", *common))
+    run("cpt", overrides("cpt", tiny_extended_dir, corpus, tmp_path / "linear", *common, "loss.type=linear"))
+    chunked, linear = metrics(tmp_path / "chunked"), metrics(tmp_path / "linear")
+    for step in (1, 2, 3):
+        assert linear[step]["loss"] == pytest.approx(chunked[step]["loss"], abs=1e-5)
+    assert linear[3]["dev_loss"] == pytest.approx(chunked[3]["dev_loss"], abs=1e-5)
+    with pytest.raises(RecipeError, match="loss.type must be 'chunked' or 'linear', got 'fused'"):
+        SpeechTrainingRecipe(
+            make_cfg("cpt", overrides("cpt", tiny_extended_dir, corpus, tmp_path / "x", "loss.type=fused")), "cpt"
+        ).setup()

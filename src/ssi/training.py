@@ -60,6 +60,7 @@ from ssi.data import DataValidationError, TokenKinds, collate_padded
 from ssi.data.config import build_dataloader, build_dataset, set_loader_epoch
 from ssi.data.sources import SourceSpec
 from ssi.data.text import TextDataset
+from ssi.loss import LinearCrossEntropyLoss
 from ssi.sampling import GlobalBatchSampler
 from ssi.tokenizer import load_tokenizer
 
@@ -178,8 +179,7 @@ class SpeechTrainingRecipe:
             num_training_steps=self.max_steps,
             num_cycles=float(cfg.lr_scheduler.num_cycles),
         )
-        self.loss_fn = CEWithChunkedOutputLoss(num_output_chunks=int(cfg.loss.num_output_chunks))
-        self.model.set_num_output_chunks(self.loss_fn.num_output_chunks)
+        self._setup_loss()
         if cfg.compile:
             training.compile_model(self.model, verbose=self.env.is_main)
             self.loss_fn = training.compile_loss(self.loss_fn, verbose=self.env.is_main)
@@ -318,6 +318,30 @@ class SpeechTrainingRecipe:
 
                 mask = distribute_tensor(mask.expand(param.shape).contiguous(), param.device_mesh, param.placements)
             param.register_hook(lambda grad, mask=mask: grad * mask)
+
+    def _setup_loss(self) -> None:
+        """`chunked`: torchtune's chunked cross-entropy over the model's logits. `linear`: the model stops
+        at its final norm and the loss projects labelled positions chunk by chunk (`ssi.loss`)."""
+        kind, chunks = self.cfg.loss.type, int(self.cfg.loss.num_output_chunks)
+        if kind == "chunked":
+            self.loss_fn = CEWithChunkedOutputLoss(num_output_chunks=chunks)
+            self.model.set_num_output_chunks(chunks)
+        elif kind == "linear":
+            if self.env.is_distributed:
+                raise RecipeError(
+                    "loss.type=linear reads the output weight outside the model's forward, which FSDP keeps "
+                    "sharded there: use loss.type=chunked with several ranks"
+                )
+            self.loss_fn = LinearCrossEntropyLoss(num_chunks=chunks, ignore_index=IGNORE_INDEX)
+            norm = self.model.norm
+            # an instance attribute shadows TransformerDecoder.unembed: forward now ends at the final norm
+            self.model.unembed = lambda hidden: norm(hidden)
+        else:
+            raise RecipeError(f"loss.type must be 'chunked' or 'linear', got {kind!r}")
+
+    def _output_weight(self) -> torch.Tensor:
+        head = self.model.output
+        return head.weight if isinstance(head, torch.nn.Module) else self.model.tok_embeddings.weight
 
     def _setup_optimizer(self) -> torch.optim.Optimizer:
         opt = self.cfg.optimizer
@@ -471,11 +495,13 @@ class SpeechTrainingRecipe:
         tokens = batch["tokens"].to(self.device)
         labels = shift_labels(batch["labels"]).to(self.device)
         kwargs = {k: batch[k].to(self.device) for k in ("mask", "input_pos") if k in batch}
-        logits = self.model(tokens, **kwargs)
+        outputs = self.model(tokens, **kwargs)
         n_tokens = int((labels != IGNORE_INDEX).sum())
-        if n_tokens == 0:
-            return sum(chunk.sum() for chunk in logits) * 0.0, 0  # keeps every rank in the backward
-        return self.loss_fn(logits, labels) * n_tokens, n_tokens
+        if n_tokens == 0:  # a zero that keeps every parameter (and every rank) in the backward
+            return sum(chunk.sum() for chunk in (outputs if isinstance(outputs, list) else [outputs])) * 0.0, 0
+        if isinstance(self.loss_fn, LinearCrossEntropyLoss):
+            return self.loss_fn(outputs, self._output_weight(), labels), n_tokens
+        return self.loss_fn(outputs, labels) * n_tokens, n_tokens
 
     def train(self) -> int:
         """Run until max_steps (or a stop signal); returns the process exit code."""
