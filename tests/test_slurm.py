@@ -73,3 +73,17 @@ def test_sbatch_snippet_survives_preemption(tiny_extended_dir, corpus, tmp_path)
     steps = sorted(int(p.name.removeprefix("global_step_")) for p in out.glob("checkpoints/epoch_*/global_step_*"))
     assert len(steps) == 2 and 3 <= steps[0] < 30 and steps[1] == 30, steps
     assert final_weights(out, 30) == final_weights(tmp_path / "reference", 30)
+
+
+def test_srun_tasks_form_one_process_group(tiny_extended_dir, corpus, tmp_path) -> None:  # noqa: F811
+    # two srun tasks (no torchrun) train like one process with the same global batch of 8
+    common = ["max_steps=4", "save_steps=1000", "eval_steps=1000"]
+    run("cpt", overrides("cpt", tiny_extended_dir, corpus, tmp_path / "one", *common))
+    args = overrides("cpt", tiny_extended_dir, corpus, tmp_path / "srun", *common, "gradient_accumulation_steps=1")
+    done = subprocess.run(["srun", "-n2", "--cpus-per-task=1", sys.executable, str(REPO / "recipes/cpt.py"), *args],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 1/2 joined the gloo process group" in done.stderr
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "srun")
+    for step in range(1, 5):
+        assert two[step]["loss"] == pytest.approx(one[step]["loss"], abs=1e-4)
