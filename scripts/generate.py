@@ -1,0 +1,27 @@
+#!/usr/bin/env python
+"""Transcribe a split with a speech-extended checkpoint (vLLM or PyTorch) and score the WER.
+
+    python scripts/generate.py model=runs/sft-1b/checkpoints/epoch_0/global_step_5000 [data=sft/<preset>]
+        [gen.split=test] [backend=vllm|torch] [gen.output_dir=...] [sampling_params.max_tokens=...] ...
+
+The configuration is conf/generate.yaml (every default documented there); the work is ssi.generation.
+Hydra reads it through conf/_generate/ (symlinks to generate.yaml and data/): in conf/ itself
+`model=<dir>` would be taken as a choice of the recipes' `model` config group.
+The `__main__` guard matters: vLLM's engine starts worker processes that re-import this file.
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from ssi.generation import main as generate
+
+
+@hydra.main(version_base=None, config_path="../conf/_generate", config_name="generate")
+def main(cfg: DictConfig) -> None:
+    sys.exit(generate(cfg))
+
+
+if __name__ == "__main__":
+    main()
