@@ -1,0 +1,7 @@
+"""ssi: extend Llama 3.2 with discrete speech units, train with torchtune, generate with vLLM, score WER."""
+
+import logging
+
+# torchao 0.14 warns on every import that its C++ kernels were built for another torch; torchtune 0.6.1
+# does not need them (the pairing is pinned on purpose, README "Installing"). Keep that line out of every CLI.
+logging.getLogger("torchao").setLevel(logging.ERROR)
