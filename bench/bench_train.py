@@ -127,15 +127,20 @@ def torchtune_cfg(model_dir: Path, preset: dict, out: Path, steps: int, batch: i
     )
 
 
-def time_ssi(cfg) -> float:
-    shutil.rmtree(cfg.output_dir, ignore_errors=True)
-    recipe = SpeechTrainingRecipe(cfg, "cpt")
-    recipe.setup()
+def timed_train(recipe) -> float:
+    """Wall seconds of `recipe.train()` alone (set-up excluded), then its cleanup."""
     start = time.perf_counter()
     recipe.train()
     elapsed = time.perf_counter() - start
     recipe.cleanup()
     return elapsed
+
+
+def time_ssi(cfg) -> float:
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    recipe = SpeechTrainingRecipe(cfg, "cpt")
+    recipe.setup()
+    return timed_train(recipe)
 
 
 def time_torchtune(cfg) -> float:
@@ -147,11 +152,7 @@ def time_torchtune(cfg) -> float:
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
     recipe = module.FullFinetuneRecipeSingleDevice(cfg)
     recipe.setup(cfg)
-    start = time.perf_counter()
-    recipe.train()
-    elapsed = time.perf_counter() - start
-    recipe.cleanup()
-    return elapsed
+    return timed_train(recipe)
 
 
 def useful_tokens_per_second(cfg) -> float:

@@ -24,6 +24,7 @@ from typing import BinaryIO
 import torch
 from tqdm import tqdm
 
+from ssi import setup_cli_logging
 from ssi.hf_dir import (
     SAFETENSORS_INDEX,
     TIKTOKEN_FILE,
@@ -373,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_cli_logging()
     try:
         input_dir = resolve_input_dir(args.input_dir)
         out = extend_model_dir(

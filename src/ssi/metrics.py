@@ -36,6 +36,8 @@ from typing import Any
 from rapidfuzz.distance import Levenshtein
 from tqdm import tqdm
 
+from ssi import setup_cli_logging
+
 log = logging.getLogger(__name__)
 
 NORMALIZERS = ("whisper", "basic", "none")
@@ -698,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_cli_logging()
     try:
         summary = score_generations(
             args.generations,

@@ -45,7 +45,7 @@ from torchtune.modules.loss import CEWithChunkedOutputLoss
 from torchtune.training import metric_logging
 from tqdm import tqdm
 
-from ssi import distributed
+from ssi import distributed, setup_cli_logging
 from ssi.checkpointing import (
     MODEL_KEY,
     CheckpointError,
@@ -689,7 +689,7 @@ class SpeechTrainingRecipe:
 
 def run_recipe(cfg: DictConfig, kind: str) -> int:
     """Entry point used by recipes/cpt.py and recipes/sft.py; returns the process exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_cli_logging()
     try:
         recipe = SpeechTrainingRecipe(cfg, kind)
         recipe.setup()

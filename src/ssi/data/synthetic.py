@@ -22,6 +22,7 @@ import datasets
 import numpy as np
 from tqdm import tqdm
 
+from ssi import setup_cli_logging
 from ssi.hf_dir import atomic_output_dir
 
 LOGGER = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_cli_logging()
     args = vars(build_parser().parse_args(argv))
     output_dir, overwrite = args.pop("output_dir"), args.pop("overwrite")
     try:
