@@ -268,6 +268,20 @@ def test_split_and_data_overrides(run_dir: Path, corpus: Path) -> None:
     assert all(len(x["output_token_ids"]) <= 6 for x in lines)
 
 
+def test_bad_prompts_are_refused_before_generating(run_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    rows = pq.read_table(corpus / "test.parquet").to_pylist()
+    duplicated = tmp_path / "dup.jsonl"
+    duplicated.write_text("".join(json.dumps(r) + "\n" for r in [*rows[:3], rows[1]]))
+    base = [f"model={checkpoint(run_dir, 300)}", "backend=torch", f"gen.output_dir={tmp_path / 'out'}"]
+    with pytest.raises(GenerationError, match=r"dup.jsonl\[test\]: duplicate id 'synth_test_000001' \(rows 1 and 3\)"):
+        run_generation(gen_cfg(*base, f"+data.test.dataset.source={duplicated}"))
+    with pytest.raises(
+        GenerationError, match=r"sample '.*': the prompt has \d+ tokens, no room left under max_model_len=30"
+    ):
+        run_generation(gen_cfg(*base, "gen.max_model_len=30"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_launcher_generates_only_checkpoints_without_generations(vllm_record, run_dir: Path) -> None:
     """Step 300 has the vLLM generations; the launcher fills in step 150 and skips 300."""
     step150 = checkpoint(run_dir, 150)

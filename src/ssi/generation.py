@@ -269,12 +269,12 @@ def _generate_batch(
     total = width + max(budgets)
     tokens = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
     real = torch.zeros((batch, total), dtype=torch.bool, device=device)  # False on left padding
+    seen = torch.zeros((batch, model.tok_embeddings.num_embeddings), dtype=torch.bool, device=device)
     for row, prompt in enumerate(prompts):
-        tokens[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
+        ids = torch.tensor(prompt, device=device)
+        tokens[row, width - len(prompt) :] = ids
         real[row, width - len(prompt) :] = True
-    vocab_size = model.tok_embeddings.num_embeddings
-    seen = torch.zeros((batch, vocab_size), dtype=torch.bool, device=device)
-    seen.scatter_(1, tokens, real[:, :width])
+        seen[row, ids] = True  # the repetition penalty covers prompt tokens too, as in vLLM
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = [False] * batch
@@ -381,6 +381,7 @@ def load_torch_model(
 
 
 def vllm_sampling_params(sampling: SamplingOptions, max_tokens: int, stop_ids: Sequence[int], index: int) -> Any:
+    """vLLM's SamplingParams for prompt `index` (its own seed, so outputs do not depend on scheduling)."""
     from vllm import SamplingParams
 
     return SamplingParams(
