@@ -156,6 +156,7 @@ def test_vllm_generates_the_test_split_of_the_run_and_scores_it(vllm_record, run
         "seed": 0,
     }
     assert config["stop_token_ids"] == tokenizer.stop_tokens
+    assert config["scoring"] == {"enabled": True, "normalizer": "whisper", "per_utterance": False}
     assert config["data"]["sequence"]["dedup"] is True  # from the run's torchtune_config.yaml
     assert config["data_source"] == str(run_dir.resolve() / "torchtune_config.yaml")
     assert config["n_prompts"] == 16 and config["n_generated_tokens"] == sum(len(x["output_token_ids"]) for x in lines)

@@ -677,6 +677,7 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
         "sampling_params": asdict(sampling),
         "stop_token_ids": stop_ids,
         "max_model_len": max_model_len,
+        "scoring": {"enabled": bool(cfg.score), **_container(cfg.wer)},
         "dataset_name": dataset_name,
         "split": split_name,
         "data_section": section,
