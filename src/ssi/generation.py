@@ -44,6 +44,7 @@ from torchtune.generation import get_causal_mask_from_padding_mask, get_position
 from torchtune.modules import TransformerDecoder, local_kv_cache
 from tqdm import tqdm
 
+from ssi import setup_cli_logging
 from ssi.checkpointing import MODEL_KEY, CheckpointError, SpeechCheckpointer, build_model, parse_dtype
 from ssi.data import DataValidationError
 from ssi.data.config import SPLITS, build_dataset
@@ -719,7 +720,7 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> int:
     """scripts/generate.py's body: configuration and input errors are one line on stderr and exit code 2
     (3 when the output directory already exists)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_cli_logging()
     try:
         run_generation(cfg)
     except OutputExistsError as err:
