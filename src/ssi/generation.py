@@ -501,6 +501,8 @@ def resolve_data_config(cfg: DictConfig, location: CheckpointLocation, model_dir
 def build_prompts(
     data: DictConfig, section: str, split_name: str, tokenizer: SpeechLlama3Tokenizer, progress: bool
 ) -> list[Prompt]:
+    """The split's SFT inference prompts through the training data pipeline (same validation, dedup and
+    chat format as in training), in split order; duplicate ids are refused since scoring matches by id."""
     if data.get("kind") != "sft":
         raise GenerationError(
             f"generation needs an SFT data preset (ASR prompts), got kind={data.get('kind')!r}: pass data=sft/<preset>"
