@@ -1,0 +1,41 @@
+"""`make demo` at a reduced size: the whole loop runs through the real entry points and WER improves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_demo_pipeline_learns(tmp_path) -> None:
+    out = tmp_path / "demo"
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts/demo.py"),
+        "--out",
+        str(out),
+        "--cpt_steps",
+        "100",
+        "--sft_steps",
+        "700",
+        "--n_train",
+        "1500",
+        "--n_test",
+        "60",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "ssi demo summary" in done.stdout
+    before = json.loads(next((out / "generations/untrained").rglob("wer.json")).read_text())
+    after = json.loads(next((out / "runs/sft/generations").rglob("wer.json")).read_text())
+    assert before["wer"] > 0.9, before
+    assert after["wer"] < 0.5 * before["wer"], (before["wer"], after["wer"])
+    assert (out / "losses.png").read_bytes()[:4] == b"\x89PNG"
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 2 and "exists (a previous demo?)" in again.stderr
