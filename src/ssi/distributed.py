@@ -34,6 +34,24 @@ class DistEnv:
         return self.world_size > 1
 
 
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` (CUDA when available), `cpu`, `cuda` (this process's LOCAL_RANK GPU) or `cuda:<n>`."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name} was asked for but no CUDA device is available (use cpu or auto)")
+        try:
+            device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:<n>, got {name!r}") from None
+        torch.cuda.set_device(device)
+        return device
+    if name != "cpu":
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:<n>, got {name!r}")
+    return torch.device("cpu")
+
+
 def _first_slurm_host() -> str:
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
     try:

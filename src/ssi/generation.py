@@ -44,7 +44,7 @@ from torchtune.generation import get_causal_mask_from_padding_mask, get_position
 from torchtune.modules import TransformerDecoder, local_kv_cache
 from tqdm import tqdm
 
-from ssi import setup_cli_logging
+from ssi import distributed, setup_cli_logging
 from ssi.checkpointing import MODEL_KEY, CheckpointError, SpeechCheckpointer, build_model, parse_dtype
 from ssi.data import DataValidationError
 from ssi.data.config import SPLITS, build_dataset
@@ -348,14 +348,11 @@ def _generator(seed: int | None, index: int, device: torch.device) -> torch.Gene
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise GenerationError(f"torch.device={name} but no CUDA device is available (use torch.device=cpu or auto)")
+    """The torch backend's device (`torch.device` setting); see `ssi.distributed.resolve_device`."""
     try:
-        return torch.device(name)
-    except RuntimeError:
-        raise GenerationError(f"torch.device must be auto, cpu, cuda or cuda:<n>, got {name!r}") from None
+        return distributed.resolve_device(name)
+    except ValueError as err:
+        raise GenerationError(f"torch.device: {err}") from None
 
 
 def _resolve_dtype(name: str, checkpointer: SpeechCheckpointer) -> torch.dtype:

@@ -96,19 +96,6 @@ def _select(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RecipeError("device=cuda but no CUDA device is available (use device=cpu or device=auto)")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    if name != "cpu":
-        raise RecipeError(f"device must be auto, cpu or cuda, got {name!r}")
-    return torch.device("cpu")
-
-
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """Labels aligned with the logits that predict them: position t is scored on token t+1."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -148,7 +135,10 @@ class SpeechTrainingRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         self.env = distributed.env_from_launcher()
-        self.device = resolve_device(cfg.device, self.env.local_rank)
+        try:
+            self.device = distributed.resolve_device(cfg.device, self.env.local_rank)
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
         self.env = distributed.init_distributed(self.device)
         self.dtype = training.get_dtype(cfg.dtype, self.device)
         training.set_seed(int(cfg.seed))
