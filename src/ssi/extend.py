@@ -146,24 +146,24 @@ def fit_and_sample(
     fit_cov = init == "multivariate_normal"
     n_cov = min(n_fit_rows, _COV_ROWS_PER_DIM * hidden)
     cov_rows = torch.randperm(n_fit_rows, generator=generator)[:n_cov].sort().values if fit_cov else None
+    sampled = torch.empty(n_cov if fit_cov else 0, hidden, dtype=entry.torch_dtype)
     total = torch.zeros(hidden, dtype=torch.float64)
-    cov_total = torch.zeros(hidden, dtype=torch.float64)
-    gram = torch.zeros(hidden, hidden, dtype=torch.float64)
     with open(path, "rb") as f:
+        filled = 0
         for start in range(0, n_fit_rows, _FIT_CHUNK_ROWS):
             stop = min(start + _FIT_CHUNK_ROWS, n_fit_rows)
-            rows = read_tensor_rows(f, entry, start, stop).float()
-            total += rows.sum(0, dtype=torch.float64)
+            rows = read_tensor_rows(f, entry, start, stop)
+            total += rows.float().sum(0).double()  # fp32 within a chunk, fp64 across chunks
             if fit_cov:
                 lo, hi = torch.searchsorted(cov_rows, torch.tensor([start, stop])).tolist()
-                picked = rows[cov_rows[lo:hi] - start]
-                cov_total += picked.sum(0, dtype=torch.float64)
-                gram += (picked.T @ picked).double()
+                sampled[filled : filled + hi - lo] = rows[cov_rows[lo:hi] - start]
+                filled += hi - lo
     mean = total / n_fit_rows
     if not fit_cov:
         return mean.to(entry.torch_dtype).expand(n_new, hidden).clone()
-    cov_mean = cov_total / n_cov
-    cov = gram / n_cov - torch.outer(cov_mean, cov_mean)
+    centered = sampled.float()
+    centered -= centered.mean(0)
+    cov = (centered.T @ centered).double() / n_cov
     cov = (cov + cov.T) / 2
     jitter = 1e-10 * cov.diagonal().mean() * torch.eye(hidden, dtype=cov.dtype)
     factor, info = torch.linalg.cholesky_ex(cov + jitter)
