@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -216,25 +217,17 @@ def extend_model_dir(
     n_new = vocab.vocab_size - vocab.base_vocab_size
 
     t0 = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
-    new_rows = {}
-    for name in (EMBED, LM_HEAD):
-        if name not in matrices:
-            continue
-        path, entry = matrices[name]
-        if name == LM_HEAD and config.get("tie_word_embeddings", False) and EMBED in new_rows:
-            new_rows[name] = new_rows[EMBED]  # tied weights stored twice stay equal
-        else:
-            new_rows[name] = fit_and_sample(path, entry, n_bpe, n_new, init, generator)
-    log.info("fitted %s init for %d new rows in %.1fs", init, n_new, time.perf_counter() - t0)
-
-    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-        _copy_side_files(input_dir, tmp)
-        write_json(tmp / "tokenizer.json", tokenizer_json)
-        write_json(tmp / "tokenizer_config.json", tokenizer_config)
-        _write_configs(input_dir, tmp, config, vocab)
-        _write_weights(files, tmp, new_rows, n_new, progress)
-        vocab.save(tmp, extra={"extension": {"init": init, "seed": seed, "n_new_rows": n_new}})
+    # The fit runs beside the copy of every unchanged tensor (torch and copy_file_range both release the
+    # GIL); the extended matrices are written last, once their new rows exist.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        new_rows = pool.submit(_new_rows, matrices, config, n_bpe, n_new, init, seed)
+        with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+            _copy_side_files(input_dir, tmp)
+            write_json(tmp / "tokenizer.json", tokenizer_json)
+            write_json(tmp / "tokenizer_config.json", tokenizer_config)
+            _write_configs(input_dir, tmp, config, vocab)
+            _write_weights(files, tmp, set(matrices), new_rows, n_new, progress)
+            vocab.save(tmp, extra={"extension": {"init": init, "seed": seed, "n_new_rows": n_new}})
     log.info(
         "wrote %s (vocab %d -> %d) in %.1fs",
         output_dir,
@@ -243,6 +236,24 @@ def extend_model_dir(
         time.perf_counter() - t0,
     )
     return output_dir
+
+
+def _new_rows(
+    matrices: dict[str, tuple[Path, TensorEntry]], config: dict, n_bpe: int, n_new: int, init: str, seed: int
+) -> dict[str, torch.Tensor]:
+    """The rows appended to the input embedding and, when present, the output head."""
+    t0 = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    rows: dict[str, torch.Tensor] = {}
+    for name in (EMBED, LM_HEAD):
+        if name not in matrices:
+            continue
+        if name == LM_HEAD and config.get("tie_word_embeddings", False):
+            rows[name] = rows[EMBED]  # tied weights stored twice stay equal
+        else:
+            rows[name] = fit_and_sample(*matrices[name], n_bpe, n_new, init, generator)
+    log.info("fitted %s init for %d new rows in %.1fs", init, n_new, time.perf_counter() - t0)
+    return rows
 
 
 def _base_model_name(input_dir: Path) -> str:
@@ -296,14 +307,19 @@ def _write_configs(input_dir: Path, out: Path, config: dict, vocab: SpeechVocab)
         write_json(out / "original" / "params.json", {**read_json(params_path), "vocab_size": vocab.vocab_size})
 
 
-def _write_weights(files: list[Path], out: Path, new_rows: dict[str, torch.Tensor], n_new: int, progress: bool) -> None:
+def _write_weights(
+    files: list[Path], out: Path, extended: set[str], new_rows: Future, n_new: int, progress: bool
+) -> None:
+    """Copy every shard, appending `new_rows.result()[name]` to each matrix named in `extended`.
+    Extended matrices go last in their shard, so everything else is written while the fit runs."""
     total_bytes = sum(f.stat().st_size for f in files)
     added_bytes = 0
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing weights", disable=not progress) as bar:
         for path in files:
             entries, metadata = read_safetensors_header(path)
+            entries.sort(key=lambda e: e.name in extended)  # stable: file order, extended matrices last
             layout = [
-                (e.name, e.dtype, (e.shape[0] + n_new, *e.shape[1:]) if e.name in new_rows else e.shape)
+                (e.name, e.dtype, (e.shape[0] + n_new, *e.shape[1:]) if e.name in extended else e.shape)
                 for e in entries
             ]
             with open(path, "rb") as src:
@@ -311,8 +327,8 @@ def _write_weights(files: list[Path], out: Path, new_rows: dict[str, torch.Tenso
                 def write(i: int, dst: BinaryIO, src: BinaryIO = src, entries: list = entries) -> None:
                     entry = entries[i]
                     copy_byte_range(src, dst, entry.start, entry.nbytes)
-                    if entry.name in new_rows:
-                        dst.write(new_rows[entry.name].contiguous().view(torch.uint8).numpy().tobytes())
+                    if entry.name in extended:
+                        dst.write(new_rows.result()[entry.name].contiguous().view(torch.uint8).numpy().tobytes())
                     bar.update(entry.nbytes)
 
                 added_bytes += write_safetensors(out / path.name, layout, write, metadata)
