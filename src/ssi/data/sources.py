@@ -287,6 +287,13 @@ def _lengths(array: pa.Array) -> np.ndarray:
     return pc.fill_null(pc.list_value_length(array), 0).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
+def _first_flagged(flags: np.ndarray, row_of: np.ndarray) -> tuple[int, int, int]:
+    """Flat index, row and position within the row of the first True in a flattened per-row array."""
+    k = int(np.argmax(flags))
+    row = int(row_of[k])
+    return k, row, k - int(np.searchsorted(row_of, row))
+
+
 class _BatchChecker:
     """Vectorised checks over one Arrow batch; rows are located only to build an error message."""
 
@@ -330,9 +337,7 @@ class _BatchChecker:
         bad_times = (starts > ends) | (starts < 0) | ~np.isfinite(starts) | ~np.isfinite(ends)
         bad_times &= keep[row_of_word]
         if bad_times.any():
-            k = int(np.argmax(bad_times))
-            row = int(row_of_word[k])
-            word_index = k - int(np.searchsorted(row_of_word, row))
+            k, row, word_index = _first_flagged(bad_times, row_of_word)
             raise DataValidationError(
                 self.where(row, cols.start) + f": word {word_index} has start {starts[k]} and end {ends[k]} "
                 "(times must be finite, >= 0 and start <= end)"
@@ -341,9 +346,7 @@ class _BatchChecker:
         row_of_frame = np.repeat(np.arange(len(self.speech_len)), self.speech_len)
         bad_units = ((units < 0) | (units >= n_dsus)) & keep[row_of_frame]
         if bad_units.any():
-            k = int(np.argmax(bad_units))
-            row = int(row_of_frame[k])
-            frame = k - int(np.searchsorted(row_of_frame, row))
+            k, row, frame = _first_flagged(bad_units, row_of_frame)
             raise DataValidationError(
                 self.where(row, cols.speech) + f": DSU id {int(units[k])} at frame {frame} is outside [0, {n_dsus}) "
                 "(n_dsus from the model manifest)"
