@@ -8,6 +8,7 @@ process group at all.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import subprocess
@@ -17,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -34,15 +37,58 @@ class DistEnv:
         return self.world_size > 1
 
 
+# Variables through which Slurm or the user tell a process that it owns GPUs: lists of GPU ids, then counts.
+GPU_ID_VARS = ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS")
+GPU_COUNT_VARS = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK", "SLURM_GPUS")
+_NO_GPU_IDS = ("", "-1", "none", "nodevfiles")
+
+
+def gpu_allocation_hint() -> str | None:
+    """`NAME=value` of the first variable saying this process was given GPUs (None: nothing says so)."""
+    for name in (*GPU_ID_VARS, *GPU_COUNT_VARS):
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        text = value.strip().lower()
+        no_gpu = text in _NO_GPU_IDS or (name in GPU_COUNT_VARS and text.split(":")[-1] in ("0", ""))
+        if not no_gpu:
+            return f"{name}={value}"
+    return None
+
+
+def local_cuda_ordinal(local_rank: int, device_count: int) -> int:
+    """The GPU a rank drives: its local rank, wrapped to the GPUs it can see (Slurm may bind one per task,
+    so every task sees `cuda:0` only)."""
+    if device_count < 1:
+        raise ValueError("no CUDA device is visible to this process")
+    return local_rank % device_count
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` (CUDA when available), `cpu`, `cuda` (this process's LOCAL_RANK GPU) or `cuda:<n>`."""
+    """`auto` (CUDA when available), `cpu`, `cuda` (this rank's GPU) or `cuda:<n>`.
+
+    `auto` never falls back to the CPU silently where the job was given GPUs (a CPU build of torch in
+    a GPU allocation would train for days at a fraction of the speed): it raises, naming the variable."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif (hint := gpu_allocation_hint()) is not None:
+            raise ValueError(
+                f"device=auto: {hint} says this job has GPUs, but torch {torch.__version__} sees none "
+                f"({'a CPU-only build' if torch.version.cuda is None else 'CUDA build, no usable device'}); "
+                "install the CUDA build (make install GPU=1) or pass device=cpu to train on the CPU on purpose"
+            )
+        else:
+            name = "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError(f"device {name} was asked for but no CUDA device is available (use cpu or auto)")
         try:
-            device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+            device = (
+                torch.device("cuda", local_cuda_ordinal(local_rank, torch.cuda.device_count()))
+                if name == "cuda"
+                else torch.device(name)
+            )
         except RuntimeError:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:<n>, got {name!r}") from None
         torch.cuda.set_device(device)
@@ -75,14 +121,46 @@ def env_from_launcher() -> DistEnv:
     return DistEnv()
 
 
-def init_distributed(device: torch.device) -> DistEnv:
-    """Join the process group when launched with several processes (NCCL on CUDA, gloo on CPU)."""
+def init_distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
+    """Join the process group when launched with several processes (NCCL on CUDA, gloo on CPU).
+
+    `timeout_s` bounds how long a collective waits for the slowest rank: it must exceed the longest
+    one-rank pause, e.g. rank 0 writing and fsyncing a 3B checkpoint while the others wait at a barrier
+    (NCCL's own default, 10 minutes, does not). On CUDA the group is bound to this rank's GPU."""
     env = env_from_launcher()
     if env.is_distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-        log.info("rank %d/%d joined the %s process group", env.rank, env.world_size, backend)
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+        log.info(
+            "rank %d/%d joined the %s process group (timeout %.0f s)", env.rank, env.world_size, backend, timeout_s
+        )
     return env
+
+
+def shard_model(model: torch.nn.Module, layer_type: type, compute_dtype: torch.dtype | None = None) -> None:
+    """FSDP2: every `layer_type` module is one unit (its parameters are gathered just for its own forward and
+    backward), the root module holds the rest (embeddings, final norm, output head).
+
+    `compute_dtype` (e.g. bf16) keeps the sharded parameters, gradients and optimizer states in their own
+    dtype (fp32 master weights) while each gathered layer computes in `compute_dtype`; gradients are
+    reduced across ranks in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (
+        MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        if compute_dtype is not None
+        else MixedPrecisionPolicy()
+    )
+    layers = [m for m in model.modules() if isinstance(m, layer_type)]
+    if not layers:
+        raise ValueError(f"no {layer_type.__name__} module to shard in {type(model).__name__}")
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
 
 
 def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
