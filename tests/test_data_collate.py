@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import torch
 
-from ssi.data.collate import TokenKinds, collate_packed, collate_padded, count_token_kinds
+from ssi.data.collate import TokenKinds, block_causal_mask, collate_packed, collate_padded, count_token_kinds
 from ssi.data.packing import PackedDataset
 
 # The tiny extended layout: BPE < 2000, specials 2000..2255, DSUs 2256..2555, modality 2556/2557.
@@ -93,7 +93,8 @@ def test_packed_mask_has_no_cross_document_attention() -> None:
     data = ListDataset([doc(100, 3), doc(200, 2), doc(300, 2)])
     packs = list(PackedDataset(data, max_seq_len=8, pad_id=PAD, shuffle=False))
     batch = collate_packed(packs, KINDS)
-    mask = batch["mask"][0]  # dense on CPU: [L, L] bool, True = may attend
+    assert "mask" not in batch  # collate runs in DataLoader workers: the mask is built on the device
+    mask = block_causal_mask(batch["seq_lens"], torch.device("cpu"))[0]  # dense on CPU: [L, L] bool
     document = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3])  # the last position is padding (its own document)
     expected = (document[:, None] == document[None, :]) & torch.ones(8, 8, dtype=torch.bool).tril()
     assert torch.equal(mask, expected)

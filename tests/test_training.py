@@ -122,9 +122,11 @@ def test_sft_learns_the_transcript(tiny_extended_dir, corpus, tmp_path) -> None:
     assert float(metrics(tmp_path / "run")[100]["dev_loss"]) < 0.5 * initial
 
 
-def test_resume_is_bit_identical_mid_epoch_with_accumulation(tiny_extended_dir, corpus, tmp_path) -> None:
-    # 64 samples / global batch 8 = 8 steps per epoch: step 5 is mid-epoch, step 12 is in the next epoch
-    common = ["max_steps=12", "save_steps=5", "eval_steps=100"]
+@pytest.mark.parametrize("save_dtype", ["null", "bf16"], ids=["saved-as-trained", "fp32-master-bf16-saved"])
+def test_resume_is_bit_identical_mid_epoch_with_accumulation(tiny_extended_dir, corpus, tmp_path, save_dtype) -> None:
+    # 64 samples / global batch 8 = 8 steps per epoch: step 5 is mid-epoch, step 12 is in the next epoch.
+    # Weights saved in bf16 from fp32 training: the fp32 master copy in training_state/ makes resume exact.
+    common = ["max_steps=12", "save_steps=5", "eval_steps=100", f"checkpointer.save_dtype={save_dtype}"]
     run("cpt", overrides("cpt", tiny_extended_dir, corpus, tmp_path / "a", *common))
     checkpoint = tmp_path / "a/checkpoints/epoch_0/global_step_5"
     run(
@@ -137,6 +139,7 @@ def test_resume_is_bit_identical_mid_epoch_with_accumulation(tiny_extended_dir, 
         assert a[step]["loss"] == b[step]["loss"], step
         assert a[step]["grad_norm"] == b[step]["grad_norm"], step
     assert final_weights(tmp_path / "a", 12) == final_weights(tmp_path / "b", 12)
+    assert (checkpoint / "training_state/master_weights.safetensors").is_file() == (save_dtype == "bf16")
 
 
 def test_resume_refuses_changed_settings_unless_forced(tiny_extended_dir, corpus, tmp_path) -> None:

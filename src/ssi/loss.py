@@ -25,6 +25,12 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         super().__init__()
         self.num_chunks = num_chunks
         self.ignore_index = ignore_index
+        self.chunk_loss = _chunk_loss_sum
+
+    def compile_chunks(self) -> None:
+        """torch.compile the per-chunk projection and loss (the chunking loop stays eager, as torchtune
+        compiles its chunked cross-entropy); the module itself keeps its type and call signature."""
+        self.chunk_loss = torch.compile(_chunk_loss_sum)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         scored = labels.reshape(-1) != self.ignore_index
@@ -32,5 +38,5 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         targets = labels.reshape(-1)[scored]
         total = hidden.new_zeros((), dtype=torch.float32)
         for h, y in zip(hidden.chunk(self.num_chunks), targets.chunk(self.num_chunks), strict=True):
-            total = total + checkpoint(_chunk_loss_sum, h, weight, y, use_reentrant=False)
+            total = total + checkpoint(self.chunk_loss, h, weight, y, use_reentrant=False)
         return total

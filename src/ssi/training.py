@@ -24,7 +24,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file as save_safetensors
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
@@ -45,7 +47,7 @@ from torchtune.modules.loss import CEWithChunkedOutputLoss
 from torchtune.training import metric_logging
 from tqdm import tqdm
 
-from ssi import distributed, setup_cli_logging
+from ssi import distributed, flops, setup_cli_logging
 from ssi.checkpointing import (
     MODEL_KEY,
     CheckpointError,
@@ -55,11 +57,14 @@ from ssi.checkpointing import (
     load_training_state,
     prune_checkpoints,
     resolve_checkpoint,
+    training_state_dir,
 )
 from ssi.data import DataValidationError, TokenKinds, collate_padded
+from ssi.data.collate import block_causal_mask
 from ssi.data.config import build_dataloader, build_dataset, set_loader_epoch
 from ssi.data.sources import SourceSpec
 from ssi.data.text import TextDataset
+from ssi.hf_dir import dtype_name
 from ssi.loss import LinearCrossEntropyLoss
 from ssi.sampling import GlobalBatchSampler
 from ssi.tokenizer import load_tokenizer
@@ -69,6 +74,7 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 EXIT_PREEMPTED = 99  # the run stopped on a signal after saving; requeue and resume from `latest`
 CONFIG_FILE = "torchtune_config.yaml"
+MASTER_WEIGHTS_FILE = "master_weights.safetensors"  # in training_state/: parameters in their training dtype
 STATE_VERSION = 1
 # Settings a resumed run must share with the run that wrote the checkpoint (unless force_resume=true).
 RESUME_KEYS = (
@@ -82,6 +88,7 @@ RESUME_KEYS = (
     "trainable",
     "seed",
     "dtype",
+    "mixed_precision",
     "loss",
     "global_batch_size",
 )
@@ -139,8 +146,12 @@ class SpeechTrainingRecipe:
             self.device = distributed.resolve_device(cfg.device, self.env.local_rank)
         except ValueError as err:
             raise RecipeError(str(err)) from None
-        self.env = distributed.init_distributed(self.device)
-        self.dtype = training.get_dtype(cfg.dtype, self.device)
+        self.env = distributed.init_distributed(self.device, float(cfg.dist_timeout_s))
+        self.dtype = training.get_dtype(cfg.dtype, self.device)  # what the forward and backward compute in
+        # Parameters, gradients and AdamW states: fp32 master copies unless pure low precision was asked for
+        # (bf16 parameters lose every update smaller than their spacing, e.g. all RMSNorm updates at lr 5e-5).
+        self.param_dtype = torch.float32 if cfg.mixed_precision else self.dtype
+        self.autocast = self.param_dtype != self.dtype and not self.env.is_distributed  # FSDP casts itself
         training.set_seed(int(cfg.seed))
         self.global_batch_size = int(cfg.data.train.dataloader.batch_size) * self.grad_accum * self.env.world_size
 
@@ -161,7 +172,7 @@ class SpeechTrainingRecipe:
         self.vocab = self.checkpointer.vocab
         self.tokenizer = load_tokenizer(source_dir)
         self._setup_data()
-        self.model = self._setup_model(self.checkpointer.load_checkpoint()[MODEL_KEY])
+        self.model = self._setup_model(self._initial_weights(resume_from))
         self.optimizer = self._setup_optimizer()
         self.lr_scheduler = training.get_cosine_schedule_with_warmup(
             self.optimizer,
@@ -170,15 +181,42 @@ class SpeechTrainingRecipe:
             num_cycles=float(cfg.lr_scheduler.num_cycles),
         )
         self._setup_loss()
+        arch = self.checkpointer.architecture
         if cfg.compile:
             training.compile_model(self.model, verbose=self.env.is_main)
-            self.loss_fn = training.compile_loss(self.loss_fn, verbose=self.env.is_main)
+            if isinstance(self.loss_fn, LinearCrossEntropyLoss):
+                self.loss_fn.compile_chunks()
+            else:
+                self.loss_fn = training.compile_loss(self.loss_fn, verbose=self.env.is_main)
+        self.flops_per_token = partial(
+            flops.training_flops_per_token,
+            flops.matmul_params(
+                arch.num_layers,
+                arch.embed_dim,
+                arch.num_heads,
+                arch.num_kv_heads,
+                arch.intermediate_dim,
+                arch.vocab_size,
+            ),
+            arch.num_layers,
+            arch.embed_dim,
+        )
+        self.peak_flops = flops.peak_flops(self.device, cfg.peak_tflops)
         if resume_from is not None:
             self._load_training_state(resume_from)
         if self.env.is_main:
             self._write_run_config()
             self._setup_metric_loggers()
         self._install_signal_handlers()
+
+    def _initial_weights(self, resume_from: Path | None) -> dict[str, torch.Tensor]:
+        """The weights to start from: a resumed run's full-precision master copy when its checkpoint kept
+        one (the HF weights beside it are rounded to the saved dtype), else the model directory's."""
+        master = training_state_dir(resume_from) / MASTER_WEIGHTS_FILE if resume_from is not None else None
+        if master is not None and master.is_file():
+            log.info("resuming from the %s master weights in %s", dtype_name(self.param_dtype), master)
+            return load_safetensors(master)
+        return self.checkpointer.load_checkpoint()[MODEL_KEY]
 
     def _resolve_resume(self) -> Path | None:
         spec = self.cfg.resume_from_checkpoint
@@ -204,9 +242,16 @@ class SpeechTrainingRecipe:
         self.kinds = TokenKinds.from_vocab(self.vocab)
         loader_cfg = cfg.data.train.dataloader
         self.packed = bool(cfg.data.packing.enabled)
+        pin_memory = self.device.type == "cuda"
         if self.packed:
             self.train_loader = build_dataloader(
-                cfg.data, "train", self.train_split, self.tokenizer, rank=env.rank, world_size=env.world_size
+                cfg.data,
+                "train",
+                self.train_split,
+                self.tokenizer,
+                rank=env.rank,
+                world_size=env.world_size,
+                pin_memory=pin_memory,
             )
             self.sampler = None
         else:
@@ -223,10 +268,25 @@ class SpeechTrainingRecipe:
                 self.train_split.dataset,
                 batch_sampler=self.sampler,
                 num_workers=int(loader_cfg.get("num_workers", 0)),
-                collate_fn=partial(collate_padded, pad_id=self.tokenizer.pad_id, kinds=self.kinds),
+                collate_fn=partial(
+                    collate_padded,
+                    pad_id=self.tokenizer.pad_id,
+                    kinds=self.kinds,
+                    pad_to_multiple_of=int(loader_cfg.get("pad_to_multiple_of", 1)),
+                    max_length=cfg.data.sequence.max_seq_len,
+                ),
+                pin_memory=pin_memory,
             )
         self.dev_loader = (
-            build_dataloader(cfg.data, "dev", self.dev_split, self.tokenizer, rank=env.rank, world_size=env.world_size)
+            build_dataloader(
+                cfg.data,
+                "dev",
+                self.dev_split,
+                self.tokenizer,
+                rank=env.rank,
+                world_size=env.world_size,
+                pin_memory=pin_memory,
+            )
             if self.dev_split is not None
             else None
         )
@@ -256,22 +316,30 @@ class SpeechTrainingRecipe:
         # every rank runs the same number of batches (FSDP needs matching forwards): the sampler pads
         sampler = DistributedSampler(dataset, self.env.world_size, self.env.rank, shuffle=False)
         collate = partial(collate_padded, pad_id=self.tokenizer.pad_id, kinds=self.kinds)
-        return DataLoader(dataset, batch_size=int(text_cfg.batch_size), sampler=sampler, collate_fn=collate)
+        return DataLoader(
+            dataset,
+            batch_size=int(text_cfg.batch_size),
+            sampler=sampler,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _setup_model(self, state_dict: dict[str, torch.Tensor]) -> modules.TransformerDecoder:
         cfg = self.cfg
         max_seq_len = cfg.data.sequence.max_seq_len
         if self.env.is_distributed:
-            with training.set_default_dtype(self.dtype), torch.device("meta"):
+            with training.set_default_dtype(self.param_dtype), torch.device("meta"):
                 model = build_model(self.checkpointer.architecture, max_seq_len)
         else:
-            with training.set_default_dtype(self.dtype), self.device:
+            with training.set_default_dtype(self.param_dtype), self.device:
                 model = build_model(self.checkpointer.architecture, max_seq_len)
         if cfg.enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
         if self.env.is_distributed:
-            training.shard_model(
-                model, [partial(training.get_shard_conditions, names_to_match=None)], cpu_offload=False
+            distributed.shard_model(
+                model,
+                modules.TransformerSelfAttentionLayer,
+                compute_dtype=self.dtype if self.param_dtype != self.dtype else None,
             )
             training.load_from_full_model_state_dict(model, state_dict, self.device, strict=True)
             with self.device:
@@ -280,14 +348,17 @@ class SpeechTrainingRecipe:
                         module.rope_init()
         else:
             model.load_state_dict(state_dict, strict=True)
-        training.validate_expected_param_dtype(model.named_parameters(), dtype=self.dtype)
+        training.validate_expected_param_dtype(model.named_parameters(), dtype=self.param_dtype)
         self._set_trainable(model)
         return model
 
     def _set_trainable(self, model: modules.TransformerDecoder) -> None:
         """`full`: every parameter. `new_embeddings`: only the embedding (and untied output) rows added by
-        extension; a gradient mask zeroes the base rows, and with no weight decay on them Adam leaves
-        them bit-identical."""
+        extension. Before each optimizer step the base rows' gradients are zeroed (`_row_masks`); with no
+        weight decay on them Adam leaves them bit-identical. The mask is applied to the gradient the
+        optimizer sees, not through a hook: under FSDP2 a hook on the sharded parameter never runs (the
+        gradient is computed for the unsharded one, then reduce-scattered)."""
+        self._row_masks: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         mode = self.cfg.trainable
         if mode == "full":
             return
@@ -303,11 +374,11 @@ class SpeechTrainingRecipe:
             param.requires_grad_(True)
             mask = torch.zeros(param.shape[0], 1, dtype=param.dtype, device=self.device)
             mask[first_new:] = 1
-            if hasattr(param, "device_mesh"):  # FSDP2 DTensor: shard the mask like the parameter
+            if hasattr(param, "device_mesh"):  # FSDP2 DTensor: shard the row mask like the parameter's rows
                 from torch.distributed.tensor import distribute_tensor
 
-                mask = distribute_tensor(mask.expand(param.shape).contiguous(), param.device_mesh, param.placements)
-            param.register_hook(lambda grad, mask=mask: grad * mask)
+                mask = distribute_tensor(mask, param.device_mesh, param.placements)
+            self._row_masks.append((param, mask))
 
     def _setup_loss(self) -> None:
         """`chunked`: torchtune's chunked cross-entropy over the model's logits. `linear`: the model stops
@@ -452,13 +523,27 @@ class SpeechTrainingRecipe:
                 "world_size": self.env.world_size,
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
             }
-            path = self.checkpointer.save_checkpoint(state, self.epoch, step=self.global_step)
+            path = self.checkpointer.save_checkpoint(
+                state, self.epoch, step=self.global_step, training_state_writer=self._master_weights_writer(model_state)
+            )
             keep = self.cfg.checkpointer.keep_last_n
             if keep:
                 prune_checkpoints(self.output_dir, int(keep))
         distributed.barrier(self.env)
         self._last_saved_step = self.global_step
         return path
+
+    def _master_weights_writer(self, model_state: dict[str, torch.Tensor]) -> Callable[[Path], None] | None:
+        """Parameters trained more precisely than the HF weights are saved (fp32 master weights of a bf16
+        model) are kept in training_state/ too: otherwise every resume would round away the small updates
+        they have accumulated."""
+        if self.param_dtype.itemsize <= self.checkpointer.save_dtype.itemsize:
+            return None
+
+        def write(folder: Path) -> None:
+            save_safetensors({k: v.contiguous() for k, v in model_state.items()}, str(folder / MASTER_WEIGHTS_FILE))
+
+        return write
 
     # --- training --------------------------------------------------------------------------------------
     def _micro_batches(self) -> Iterator[dict[str, Any]]:
@@ -475,23 +560,41 @@ class SpeechTrainingRecipe:
         # Ranks may hold different numbers of packs: the epoch ends for all when the first runs out.
         while True:
             batch = next(batches, None)
-            have = torch.tensor([batch is not None], dtype=torch.int32, device=self.device)
-            if batch is None or not distributed.all_reduce_min(have, self.env).item():
+            if not self._all_ranks(batch is not None, distributed.all_reduce_min):
                 return
             yield batch
 
+    def _all_ranks(self, flag: bool, reduce: Any) -> bool:
+        """`flag` combined over ranks by `reduce` (all_reduce_min: every rank; all_reduce_max: any rank)."""
+        if not self.env.is_distributed:
+            return flag
+        return bool(reduce(torch.tensor([int(flag)], dtype=torch.int32, device=self.device), self.env).item())
+
+    def _model_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Tokens and keyword inputs on the training device; a packed batch's document mask is built here,
+        on the device, in the training process (never in a DataLoader worker)."""
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        kwargs: dict[str, Any] = {}
+        if "input_pos" in batch:
+            kwargs["input_pos"] = batch["input_pos"].to(self.device, non_blocking=True)
+        if "seq_lens" in batch:
+            kwargs["mask"] = block_causal_mask(batch["seq_lens"], self.device)
+        return tokens, kwargs
+
     def _forward_sum(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        """Summed token loss of one micro-batch and its number of label tokens."""
-        tokens = batch["tokens"].to(self.device)
-        labels = shift_labels(batch["labels"]).to(self.device)
-        kwargs = {k: batch[k].to(self.device) for k in ("mask", "input_pos") if k in batch}
-        outputs = self.model(tokens, **kwargs)
+        """Summed token loss of one micro-batch and its number of label tokens (counted on the host copy
+        of the labels: no device synchronisation)."""
+        labels = shift_labels(batch["labels"])
         n_tokens = int((labels != IGNORE_INDEX).sum())
-        if n_tokens == 0:  # a zero that keeps every parameter (and every rank) in the backward
-            return sum(chunk.sum() for chunk in (outputs if isinstance(outputs, list) else [outputs])) * 0.0, 0
-        if isinstance(self.loss_fn, LinearCrossEntropyLoss):
-            return self.loss_fn(outputs, self._output_weight(), labels), n_tokens
-        return self.loss_fn(outputs, labels) * n_tokens, n_tokens
+        labels = labels.to(self.device, non_blocking=True)
+        tokens, kwargs = self._model_inputs(batch)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
+            outputs = self.model(tokens, **kwargs)
+            if n_tokens == 0:  # a zero that keeps every parameter (and every rank) in the backward
+                return sum(chunk.sum() for chunk in (outputs if isinstance(outputs, list) else [outputs])) * 0.0, 0
+            if isinstance(self.loss_fn, LinearCrossEntropyLoss):
+                return self.loss_fn(outputs, self._output_weight(), labels), n_tokens
+            return self.loss_fn(outputs, labels) * n_tokens, n_tokens
 
     def train(self) -> int:
         """Run until max_steps (or a stop signal); returns the process exit code."""
@@ -516,8 +619,11 @@ class SpeechTrainingRecipe:
                 window["loss_sum"] += loss_sum.detach().float()
                 window["label_tokens"] += n_tokens
                 window["samples"] += batch["tokens"].shape[0]
-                for kind, count in batch["token_counts"].items():
-                    window["counts"][kind] += int(count)
+                counts = {kind: int(count) for kind, count in batch["token_counts"].items()}
+                for kind, count in counts.items():
+                    window["counts"][kind] += count
+                real_tokens = counts["text"] + counts["dsu"] + counts["special"]
+                window["model_flops"] += real_tokens * self.flops_per_token(batch["tokens"].shape[1])
                 if micro % self.grad_accum:
                     continue
                 metrics = self._optimizer_step(window)
@@ -559,19 +665,22 @@ class SpeechTrainingRecipe:
             return EXIT_PREEMPTED
         return 0
 
-    @staticmethod
-    def _new_window() -> dict[str, Any]:
+    def _new_window(self) -> dict[str, Any]:
+        """Sums over one accumulation window; the loss stays on the training device until the step."""
         return {
-            "loss_sum": torch.zeros(()),
+            "loss_sum": torch.zeros((), dtype=torch.float32, device=self.device),
             "label_tokens": 0,
             "samples": 0,
+            "model_flops": 0.0,
             "counts": {"text": 0, "dsu": 0, "special": 0, "padding": 0},
         }
 
     def _optimizer_step(self, window: dict[str, Any]) -> dict[str, Any]:
         """Normalise by the window's label tokens over all ranks, clip, step; returns step metrics."""
-        totals = torch.tensor([float(window["label_tokens"]), float(window["loss_sum"])], dtype=torch.float64)
-        totals = distributed.all_reduce_sum(totals.to(self.device), self.env).cpu()
+        totals = torch.stack(
+            [torch.tensor(float(window["label_tokens"]), device=self.device), window["loss_sum"]]
+        ).double()
+        totals = distributed.all_reduce_sum(totals, self.env).cpu()
         label_tokens, loss_sum = int(totals[0]), float(totals[1])
         lr = self.optimizer.param_groups[0]["lr"]
         if label_tokens == 0:
@@ -581,6 +690,9 @@ class SpeechTrainingRecipe:
             self.optimizer.zero_grad(set_to_none=True)
             self.totals["skipped_steps"] += 1
             return {"loss": float("nan"), "lr": lr, "grad_norm": float("nan"), "label_tokens": 0}
+        for param, mask in self._row_masks:
+            if param.grad is not None:
+                param.grad.mul_(mask)
         # FSDP averages gradients over ranks; undo that and divide by the window's tokens.
         training.scale_grads(self.model, torch.tensor(self.env.world_size / label_tokens))
         grad_norm = float("nan")
@@ -594,12 +706,15 @@ class SpeechTrainingRecipe:
         return {"loss": loss_sum / label_tokens, "lr": lr, "grad_norm": grad_norm, "label_tokens": label_tokens}
 
     def _throughput(self, window: dict[str, Any], elapsed: float) -> dict[str, Any]:
-        counts = torch.tensor([window["samples"], *window["counts"].values()], dtype=torch.float64)
+        counts = torch.tensor(
+            [window["samples"], *window["counts"].values(), window["model_flops"]], dtype=torch.float64
+        )
         counts = distributed.all_reduce_sum(counts.to(self.device), self.env).cpu().tolist()
-        samples, text, dsu, special, padding = counts
+        samples, text, dsu, special, padding, model_flops = counts
         self.consumed_samples += int(samples)
         real_tokens = text + dsu + special
         self.totals["tokens"] += int(real_tokens)
+        per_device_flops = model_flops / elapsed / self.env.world_size
         metrics = {
             "tokens_per_second": real_tokens / elapsed,
             "samples_per_second": samples / elapsed,
@@ -609,7 +724,10 @@ class SpeechTrainingRecipe:
             "padding_tokens": int(padding),
             "consumed_samples": self.consumed_samples,
             "epoch": self.epoch,
+            "model_tflops_per_device": per_device_flops / 1e12,
         }
+        if self.peak_flops is not None:
+            metrics["mfu"] = per_device_flops / self.peak_flops
         if self.device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:
@@ -629,18 +747,39 @@ class SpeechTrainingRecipe:
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader | None = None) -> float:
-        """Token-weighted loss over a whole evaluation loader (default: the dev split), reduced across ranks."""
+        """Token-weighted loss over a whole evaluation loader (default: the dev split), reduced across ranks.
+
+        Ranks may hold different numbers of batches (packed evaluation): every rank keeps running
+        forwards until the last one is done, repeating a batch with zero weight when it has none left,
+        so that FSDP's collectives stay matched and every sample counts exactly once."""
         loader = loader or self.dev_loader
         assert loader is not None
         self.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         set_loader_epoch(loader, 0)
-        for batch in loader:
+        batches = iter(loader)
+        last = None
+        while True:
+            batch = next(batches, None)
+            if not self._all_ranks(batch is not None, distributed.all_reduce_max):
+                break
+            if batch is None:  # this rank is done: a forward that counts for nothing
+                batch = last if last is not None else self._empty_batch()
+                self._forward_sum(batch)
+                continue
             loss_sum, n_tokens = self._forward_sum(batch)
-            totals += torch.tensor([float(loss_sum), n_tokens], dtype=torch.float64)
-        totals = distributed.all_reduce_sum(totals.to(self.device), self.env).cpu()
+            totals += torch.stack([loss_sum.detach().double(), torch.tensor(float(n_tokens), device=self.device)])
+            last = batch
+        totals = distributed.all_reduce_sum(totals, self.env).cpu()
         self.model.train()
         return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+
+    def _empty_batch(self) -> dict[str, Any]:
+        """One padding token without a label, for a rank that has no evaluation batch at all."""
+        return {
+            "tokens": torch.tensor([[self.tokenizer.pad_id]]),
+            "labels": torch.tensor([[IGNORE_INDEX]]),
+        }
 
     def _log(self, metrics: dict[str, Any]) -> None:
         if not self.env.is_main:

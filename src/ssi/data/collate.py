@@ -3,8 +3,10 @@
 Both collators return what torchtune's models and the training loop expect: `tokens` and `labels`
 ([B, L] long tensors; labels -100 where masked or padded, not yet shifted), plus
 `token_counts` = {text, dsu, special, padding} as 0-dim tensors so the loop can log what it trains on.
-Packed batches add `input_pos` and a block-causal `mask` (torchtune's packed format: no token attends
-across documents).
+Packed batches add `input_pos` and `seq_lens` (document lengths per pack). Their block-causal mask (no
+token attends across documents) is built by `block_causal_mask` on the training device, in the training
+process: collate functions run in DataLoader workers, which must never touch CUDA (a forked worker cannot
+initialise it).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 
 import torch
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
-from torchtune.modules.attention_utils import packed_block_causal_mask
+from torchtune.modules.attention_utils import create_block_causal_mask
+from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
 
 from ssi.tokens import SpeechVocab
 
@@ -57,12 +60,16 @@ def collate_padded(
     pad_id: int,
     kinds: TokenKinds,
     pad_to_multiple_of: int = 1,
+    max_length: int | None = None,
 ) -> dict[str, Any]:
-    """Right-pad `tokens` with `pad_id` and `labels` with -100 to the longest sample (rounded up)."""
+    """Right-pad `tokens` with `pad_id` and `labels` with -100 to the longest sample, rounded up to a
+    multiple of `pad_to_multiple_of` but not past `max_length` (the model's sequence limit)."""
     if not batch:
         raise ValueError("cannot collate an empty batch")
     longest = max(len(s["tokens"]) for s in batch)
     length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    if max_length is not None:
+        length = max(longest, min(length, max_length))
     tokens = torch.full((len(batch), length), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), length), CROSS_ENTROPY_IGNORE_IDX, dtype=torch.long)
     valid = torch.zeros((len(batch), length), dtype=torch.bool)
@@ -77,17 +84,31 @@ def collate_padded(
 
 
 def collate_packed(batch: Sequence[dict[str, torch.Tensor]], kinds: TokenKinds) -> dict[str, Any]:
-    """Stack packs from `PackedDataset` and build the block-causal document mask from `seq_lens`.
-
-    On CUDA with flex attention the mask is a BlockMask, elsewhere a dense [B, L, L] bool tensor
-    (torchtune's `packed_block_causal_mask`).
-    """
+    """Stack packs from `PackedDataset`; `seq_lens` stays a list (packs hold different numbers of documents)."""
     tokens = torch.stack([p["tokens"] for p in batch])
     valid = torch.stack([torch.arange(p["tokens"].numel()) < p["tokens"].numel() - int(p["n_padding"]) for p in batch])
     return {
         "tokens": tokens,
         "labels": torch.stack([p["labels"] for p in batch]),
         "input_pos": torch.stack([p["input_pos"] for p in batch]),
-        "mask": packed_block_causal_mask(seq_lens=[p["seq_lens"] for p in batch]),
+        "seq_lens": [p["seq_lens"] for p in batch],
         "token_counts": count_token_kinds(tokens, valid, kinds),
     }
+
+
+def block_causal_mask(seq_lens: Sequence[torch.Tensor], device: torch.device) -> Any:
+    """The document mask of a packed batch, built on `device`: a flex-attention BlockMask on GPUs that
+    torchtune runs flex attention on, elsewhere a dense [B, L, L] bool tensor (torchtune's packed format)."""
+    if device.type == "cuda" and _SUPPORTS_FLEX_ATTENTION:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        document_ids = torch.stack(
+            [torch.repeat_interleave(torch.arange(len(lens)), lens.long()) for lens in seq_lens]
+        ).to(device, non_blocking=True)
+
+        def same_document_causal(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+
+        batch, length = document_ids.shape
+        return create_block_mask(same_document_causal, batch, None, length, length, device=device)
+    return create_block_causal_mask([lens.to(device) for lens in seq_lens])

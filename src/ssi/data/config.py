@@ -141,8 +141,10 @@ def build_dataloader(
     *,
     rank: int = 0,
     world_size: int = 1,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """DataLoader for a training/eval split: padded batches through a DistributedSampler, or packs.
+    `pin_memory` (CUDA training) lets batches reach the GPU with non-blocking copies.
 
     Call `loader.sampler.set_epoch(e)` (padded) or `loader.dataset.set_epoch(e)` (packed) plus
     `built.dataset.set_epoch(e)` at each epoch; `set_loader_epoch` does all of it.
@@ -156,6 +158,7 @@ def build_dataloader(
         "batch_size": int(loader_cfg["batch_size"]),
         "num_workers": workers,
         "drop_last": bool(loader_cfg.get("drop_last", False)),
+        "pin_memory": pin_memory,
     }
     if bool(_get(cfg, "packing.enabled")):
         max_seq_len = _get(cfg, "sequence.max_seq_len")
@@ -183,7 +186,13 @@ def build_dataloader(
     return DataLoader(
         built.dataset,
         sampler=sampler,
-        collate_fn=partial(collate_padded, pad_id=tokenizer.pad_id, kinds=kinds),
+        collate_fn=partial(
+            collate_padded,
+            pad_id=tokenizer.pad_id,
+            kinds=kinds,
+            pad_to_multiple_of=int(loader_cfg.get("pad_to_multiple_of", 1)),
+            max_length=_get(cfg, "sequence.max_seq_len"),
+        ),
         **common,
     )
 
