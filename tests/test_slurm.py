@@ -50,7 +50,8 @@ def test_sbatch_snippet_survives_preemption(tiny_extended_dir, corpus, tmp_path)
     out = tmp_path / "slurm-run"
     args = overrides("cpt", tiny_extended_dir, corpus, out, *common)
     submit = subprocess.run(
-        ["sbatch", "--parsable", f"--output={tmp_path}/slurm-%j.out", str(REPO / "snippets/train.sbatch"),
+        ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out",
+         str(REPO / "snippets/train.sbatch"),
          "cpt", str(out), *[a for a in args if not a.startswith("output_dir=")]],
         cwd=REPO, env={**os.environ, "SSI_PYTHON": sys.executable}, capture_output=True, text=True, check=True,
     )  # fmt: skip
