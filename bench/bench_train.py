@@ -10,8 +10,13 @@ tokens per second of the ssi recipe with `data.packing.enabled` on and off.
 
     python bench/bench_train.py [--steps 40] [--repeats 3] [--workdir /tmp/ssi-bench-train]
 
-GPU figures (tokens/s and MFU for Llama-3.2-1B-shaped CPT at seq 768/2048, bf16, compile on/off) need a
-CUDA machine: run with `--device cuda` there (not measured on CPU-only machines).
+With `--device cuda`: throughput of a Llama-3.2-1B-shaped model (random weights, real shape, vocabulary
+128,256 + 5,002) training CPT in bf16 mixed precision on MLS-like sequences, padded and packed, with
+`compile` off and on: useful tokens/s, MFU (ssi.flops) and peak GPU memory per configuration, after
+`--warmup` steps (compilation) that are not counted. `--device cpu --shape tiny` runs the same path on
+the tiny model (a check of the plumbing, not a figure).
+
+    python bench/bench_train.py --device cuda [--steps 30] [--batch 8] [--nproc 1]
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from ssi.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from ssi.extend import extend_model_dir
 from ssi.hf_dir import read_json
 from ssi.run_logs import read_metrics
-from ssi.testing import write_llama_dir
+from ssi.testing import LLAMA_3_2_1B, LlamaShape, write_llama_dir
 from ssi.training import SpeechTrainingRecipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,16 +170,73 @@ def useful_tokens_per_second(cfg) -> float:
     return useful / seconds
 
 
+def device_throughput(args: argparse.Namespace) -> None:
+    """Tokens/s, MFU and peak memory of CPT on `args.device`, padded/packed x compile off/on."""
+    work = args.workdir
+    one_b = args.shape == "1b"
+    n_dsus = 5000 if one_b else 300
+    t0 = time.perf_counter()
+    base = write_llama_dir(
+        work / "base",
+        shape=LLAMA_3_2_1B if one_b else LlamaShape(),
+        dtype=torch.bfloat16,
+        n_bpe=128000 if one_b else None,
+    )
+    model_dir = extend_model_dir(base, work / "model", n_dsus, progress=False)
+    spec = SyntheticSpec(n_train=4096, n_validation=8, n_test=8, n_units=n_dsus, min_words=25, max_words=55)
+    corpus = make_synthetic_dataset(work / "corpus", spec, progress=False)
+    print(f"{args.shape} model and MLS-like corpus ready in {time.perf_counter() - t0:.0f} s")
+    steps = args.warmup + args.steps
+    print(f"CPT on {args.device}, bf16 mixed precision, batch {args.batch} x 2048 tokens, {args.steps} timed steps")
+    print(f"{'batches':<8}{'compile':>8}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}")
+    for packed in (False, True):
+        for compiled in (False, True):
+            extra = [
+                f"device={args.device}",
+                "dtype=bf16",
+                "mixed_precision=true",
+                f"data.encoder.n_units={n_dsus}",
+                "data.sequence.max_seq_len=2048",
+                "data.train.dataloader.num_workers=2",
+                "data.train.dataloader.pad_to_multiple_of=64",
+                "log_steps=1",
+                f"data.packing.enabled={packed}",
+                f"compile={compiled}",
+            ]
+            out = work / f"run-{'packed' if packed else 'padded'}-{'compiled' if compiled else 'eager'}"
+            time_ssi(ssi_cfg(model_dir, corpus, out, steps, args.batch, *extra))
+            timed = [m for step, m in read_metrics(out).items() if step > args.warmup and "tokens_per_second" in m]
+            useful = sum(m["text_tokens"] + m["dsu_tokens"] + m["special_tokens"] for m in timed)
+            seconds = sum(
+                (m["text_tokens"] + m["dsu_tokens"] + m["special_tokens"]) / m["tokens_per_second"] for m in timed
+            )
+            mfu = [m["mfu"] for m in timed if "mfu" in m]
+            peak = max(m.get("peak_memory_gib", m.get("peak_rss_gib", 0.0)) for m in timed)
+            mfu_text = f"{sum(mfu) / len(mfu):.1%}" if mfu else "n/a"
+            print(
+                f"{'packed' if packed else 'padded':<8}{'on' if compiled else 'off':>8}"
+                f"{useful / seconds:>12.0f}{mfu_text:>8}{peak:>10.1f}",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ssi-bench-train"))
+    parser.add_argument("--device", default=None, help="cuda (or cpu): the device throughput table instead")
+    parser.add_argument("--shape", choices=("1b", "tiny"), default="1b", help="model of the device table")
+    parser.add_argument("--warmup", type=int, default=5, help="device table: untimed first steps (compilation)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     shutil.rmtree(args.workdir, ignore_errors=True)
+    if args.device is not None:
+        device_throughput(args)
+        shutil.rmtree(args.workdir, ignore_errors=True)
+        return
     work = args.workdir
     model_dir = extend_model_dir(write_llama_dir(work / "base"), work / "model", 300, progress=False)
     corpus = make_synthetic_dataset(
