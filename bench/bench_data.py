@@ -35,15 +35,15 @@ import datasets
 import numpy as np
 import torch
 
-from ssi.data.collate import TokenKinds, collate_padded
+from ssi.data.collate import collate_padded
 from ssi.data.cpt import CPTDataset, CPTOptions, sample_rng, speech_span
 from ssi.data.packing import PackedDataset
 from ssi.data.sft import SFTDataset, SFTOptions
 from ssi.data.sources import ColumnNames, validate_dataset
-from ssi.extend import extend_model_dir
 from ssi.testing import write_llama_dir
-from ssi.tokenizer import SpeechLlama3Tokenizer, load_tokenizer
-from ssi.tokens import MODALITY_SPEECH, MODALITY_TEXT, dsus_to_text
+from ssi.vocab.extend import extend_model_dir
+from ssi.vocab.layout import MODALITY_SPEECH, MODALITY_TEXT, dsus_to_text
+from ssi.vocab.tiktoken import SpeechLlama3Tokenizer, load_tokenizer
 
 N_UNITS, FPS = 5000, 50.0
 SYLLABLES = "ba be bi bo bu da de di do du ka ke ki ko ku la le li lo lu ma me mi mo mu na ne ni no nu ra re ri ro ru"
@@ -183,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "meets" if cpt_rate[1] >= target else "MISSES"
     print(f"target >= {target} prepared tokens/s per core for interleaved CPT: {verdict} ({cpt_rate[1]:.0f})")
 
-    kinds = TokenKinds.from_vocab(tokenizer.vocab)  # type: ignore[arg-type]
     cpt_lengths = [len(cpt.build(i).tokens) for i in range(args.n)]
     sft_lengths = [len(sft[i]["tokens"]) for i in range(args.n)]
     limit = max(args.max_seq_len, max(cpt_lengths), max(sft_lengths))
@@ -191,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, lengths in (("CPT interleaved", cpt_lengths), ("SFT", sft_lengths)):
         padded, packed = useful_ratios(lengths, limit, args.batch_size, args.seed)
         print(f"  {name:16s} padded {padded:6.1%}   packed {packed:6.1%}   ({packed / padded:.2f}x)")
-    batch = collate_padded([cpt[i] for i in range(args.batch_size)], tokenizer.pad_id, kinds)
+    batch = collate_padded([cpt[i] for i in range(args.batch_size)], tokenizer.pad_id, tokenizer.vocab)
     counts = {k: int(v) for k, v in batch["token_counts"].items()}
     print(f"  one padded CPT batch: {counts}")
 

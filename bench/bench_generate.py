@@ -26,22 +26,16 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from ssi.checkpointing import SpeechCheckpointer
 from ssi.data.synthetic import SyntheticSpec, make_synthetic_dataset
-from ssi.extend import extend_model_dir
-from ssi.generation import (
-    Completion,
-    SamplingOptions,
-    build_prompts,
-    generate_torch,
-    generate_vllm,
-    load_torch_model,
-    resolve_device,
-    start_vllm,
-    stop_vllm,
-)
+from ssi.devices import resolve_device
+from ssi.generate.prompts import build_prompts
+from ssi.generate.sampling import Completion, SamplingOptions
+from ssi.generate.torch_backend import generate_torch, load_torch_model
+from ssi.generate.vllm_backend import generate_vllm, start_vllm, stop_vllm
+from ssi.model.checkpointer import SpeechCheckpointer
 from ssi.testing import LlamaShape, write_llama_dir
-from ssi.tokenizer import load_tokenizer
+from ssi.vocab.extend import extend_model_dir
+from ssi.vocab.tiktoken import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 N_DSUS = 300
@@ -113,7 +107,7 @@ def main() -> None:
         model_dir = extend_model_dir(base, tmp / "extended", N_DSUS, progress=False)
         spec = SyntheticSpec(n_train=1, n_validation=1, n_test=args.n_prompts, n_units=N_DSUS, seed=0)
         corpus = make_synthetic_dataset(tmp / "corpus", spec, progress=False)
-        with initialize_config_dir(config_dir=str(REPO / "conf" / "_generate"), version_base=None):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
             cfg = compose(
                 "generate", [f"model={model_dir}", "data=sft/synthetic", f"data.train.dataset.source={corpus}"]
             )

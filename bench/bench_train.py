@@ -12,7 +12,7 @@ tokens per second of the ssi recipe with `data.packing.enabled` on and off.
 
 With `--device cuda`: throughput of a Llama-3.2-1B-shaped model (random weights, real shape, vocabulary
 128,256 + 5,002) training CPT in bf16 mixed precision on MLS-like sequences, padded and packed, with
-`compile` off and on: useful tokens/s, MFU (ssi.flops) and peak GPU memory per configuration, after
+`compile` off and on: useful tokens/s, MFU (ssi.train.flops) and peak GPU memory per configuration, after
 `--warmup` steps (compilation) that are not counted. `--device cpu --shape tiny` runs the same path on
 the tiny model (a check of the plumbing, not a figure).
 
@@ -35,11 +35,11 @@ from omegaconf import OmegaConf
 
 from ssi.data.config import build_dataset
 from ssi.data.synthetic import SyntheticSpec, make_synthetic_dataset
-from ssi.extend import extend_model_dir
-from ssi.hf_dir import read_json
-from ssi.run_logs import read_metrics
+from ssi.files import read_json
+from ssi.run_dir import read_metrics
 from ssi.testing import LLAMA_3_2_1B, LlamaShape, write_llama_dir
-from ssi.training import SpeechTrainingRecipe
+from ssi.train.recipe import SpeechTrainingRecipe
+from ssi.vocab.extend import extend_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,10 +51,10 @@ def torchtune_dataset(tokenizer, preset: dict):
 
 def ssi_cfg(model_dir: Path, corpus: Path, out: Path, steps: int, batch: int, *extra: str):
     overrides = [
-        "model=tiny",
+        "size=tiny",
         "data=cpt/synthetic",
         f"data.train.dataset.source={corpus}",
-        f"checkpointer.checkpoint_dir={model_dir}",
+        f"model={model_dir}",
         f"output_dir={out}",
         f"max_steps={steps}",
         f"save_steps={steps}",
@@ -75,7 +75,7 @@ def torchtune_cfg(model_dir: Path, preset: dict, out: Path, steps: int, batch: i
     return OmegaConf.create(
         {
             "output_dir": str(out),
-            "tokenizer": {"_component_": "ssi.tokenizer.load_tokenizer", "model_dir": str(model_dir)},
+            "tokenizer": {"_component_": "ssi.vocab.tiktoken.load_tokenizer", "model_dir": str(model_dir)},
             "dataset": {"_component_": "bench_train.torchtune_dataset", "preset": preset},
             "seed": 42,
             "shuffle": True,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""WER scoring time of `ssi.metrics` vs Hugging Face `evaluate`'s "wer" metric on the same utterances.
+"""WER scoring time of `ssi.eval` vs Hugging Face `evaluate`'s "wer" metric on the same utterances.
 
     python bench/bench_wer.py [--n 100000] [--reference auto|evaluate|reimplementation]
 
@@ -26,7 +26,8 @@ from typing import TypeVar
 
 import jiwer
 
-from ssi.metrics import compute_wer, default_workers, score_generations
+from ssi.eval.scoring import score_generations
+from ssi.eval.wer import compute_wer, default_workers
 
 # English-like text with what normalisers act on: abbreviations, contractions, numbers, British spelling.
 _VOCABULARY = """

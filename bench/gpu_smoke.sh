@@ -25,11 +25,11 @@ cd "$REPO" || exit 2
 
 if [ "$CPU" = 1 ]; then
   DEVICE=cpu DTYPE=fp32 SHAPE=custom N_DSUS=300 STEPS=8 BATCH=4 NGPU=0
-  SIZE=(model=tiny)
+  SIZE=(size=tiny)
 else
   DEVICE=cuda DTYPE=bf16 SHAPE=llama3.2-1b N_DSUS=5000 STEPS=20 BATCH=8
   NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
-  SIZE=(model=llama3_2_1b)
+  SIZE=(size=llama3_2_1b)
 fi
 NPROC=$(( CPU == 1 || NGPU >= 2 ? 2 : 1 ))  # two ranks: gloo on the CPU, NCCL where two GPUs exist
 LAUNCH=("$PY")
@@ -57,7 +57,7 @@ skip() { skipped=$((skipped + 1)); printf 'SKIP  %-28s        %s\n' "$1" "$2"; }
 figures() {
   "$PY" - "$2" <<'EOF'
 import math, sys
-from ssi.run_logs import read_metrics
+from ssi.run_dir import read_metrics
 steps = {s: m for s, m in read_metrics(sys.argv[1]).items() if "tokens_per_second" in m}
 losses = [m["loss"] for m in steps.values()]
 assert losses and all(math.isfinite(x) for x in losses), f"non-finite loss: {losses}"
@@ -132,7 +132,7 @@ EOF
 same_losses() {  # same_losses RUN_A RUN_B FIRST_STEP TOLERANCE
   "$PY" - "$@" <<'EOF'
 import sys
-from ssi.run_logs import read_metrics
+from ssi.run_dir import read_metrics
 a, b = read_metrics(sys.argv[1]), read_metrics(sys.argv[2])
 first, tol = int(sys.argv[3]), float(sys.argv[4])
 worst = max(abs(a[s]["loss"] - b[s]["loss"]) for s in b if s >= first and "loss" in b[s])
@@ -154,7 +154,7 @@ check "extend +$N_DSUS units" "$PY" scripts/extend_llama3_2.py --n_new_dsus "$N_
   --output_dir "$WORK/model" --dsu_encoder synthetic --frame_rate 50 --no-progress
 check "MLS-like corpus" "$PY" scripts/make_synthetic_dataset.py --output_dir "$WORK/corpus" --n_units "$N_DSUS" \
   --n_train 2000 --n_validation 64 --n_test 64 --min_words 25 --max_words 55
-MODEL=(checkpointer.checkpoint_dir="$WORK/model")
+MODEL=(model="$WORK/model")
 check "CPT padded" train cpt "$WORK/cpt-padded" "${MODEL[@]}"
 check "CPT packed" train cpt "$WORK/cpt-packed" "${MODEL[@]}" data.packing.enabled=true
 fsdp_new_embeddings() {
@@ -168,7 +168,7 @@ check "resume from step $((STEPS / 2))" train cpt "$WORK/cpt-resumed" "${MODEL[@
 check "resume: same losses" same_losses "$WORK/cpt-padded" "$WORK/cpt-resumed" $((STEPS / 2 + 1)) \
   "$([ "$CPU" = 1 ] && echo 0 || echo 0.02)"
 CPT_LAST=$(find "$WORK/cpt-padded/checkpoints" -maxdepth 2 -name "global_step_$STEPS" | head -n 1)
-check "SFT from the CPT checkpoint" train sft "$WORK/sft" "checkpointer.checkpoint_dir=$CPT_LAST"
+check "SFT from the CPT checkpoint" train sft "$WORK/sft" "model=$CPT_LAST"
 SFT_LAST=$(find "$WORK/sft/checkpoints" -maxdepth 2 -name "global_step_$STEPS" | head -n 1)
 generate_and_score() {
   "$PY" scripts/generate.py "model=$SFT_LAST" backend=vllm progress=false sampling_params.max_tokens=48 \

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Continued pre-training (CPT) of a speech-extended Llama: a thin Hydra entry point.
 
-    python recipes/cpt.py data=cpt/<preset> output_dir=RUN checkpointer.checkpoint_dir=MODEL [key=value ...]
+    python recipes/cpt.py data=cpt/<preset> output_dir=RUN model=MODEL [key=value ...]
     torchrun --nproc_per_node 8 recipes/cpt.py ...      # or: srun python recipes/cpt.py ...
 
-The configuration is conf/cpt.yaml (every default documented there); the loop is ssi.training.
+The configuration is conf/cpt.yaml (every default documented there); the loop is ssi.train.recipe.
 """
 
 import sys
@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from ssi.training import run_recipe
+from ssi.train.recipe import run_recipe
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="cpt")

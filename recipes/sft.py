@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Supervised fine-tuning (SFT) of a speech-extended Llama for ASR: a thin Hydra entry point.
 
-    python recipes/sft.py data=sft/<preset> output_dir=RUN checkpointer.checkpoint_dir=MODEL [key=value ...]
+    python recipes/sft.py data=sft/<preset> output_dir=RUN model=MODEL [key=value ...]
     torchrun --nproc_per_node 8 recipes/sft.py ...      # or: srun python recipes/sft.py ...
 
-The configuration is conf/sft.yaml (every default documented there); the loop is ssi.training.
+The configuration is conf/sft.yaml (every default documented there); the loop is ssi.train.recipe.
 """
 
 import sys
@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from ssi.training import run_recipe
+from ssi.train.recipe import run_recipe
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="sft")

@@ -42,8 +42,9 @@ def run_step(title: str, args: list[str]) -> float:
 
 
 def last_checkpoint(run_dir: Path) -> Path:
-    checkpoints = sorted(run_dir.glob("checkpoints/epoch_*/global_step_*"), key=lambda p: int(p.name.split("_")[-1]))
-    return checkpoints[-1]
+    from ssi.run_dir import list_checkpoints
+
+    return list_checkpoints(run_dir)[-1].path
 
 
 def generate(title: str, model: Path, extra: list[str]) -> tuple[float, str]:
@@ -60,7 +61,7 @@ def generate(title: str, model: Path, extra: list[str]) -> tuple[float, str]:
 
 
 def run_summary(run_dir: Path) -> dict[str, float]:
-    from ssi.run_logs import read_metrics, series
+    from ssi.run_dir import read_metrics, series
 
     metrics = read_metrics(run_dir)
     _, losses = series(metrics, "loss")
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     data = [f"data.train.dataset.source={corpus}"]
     # Both recipes collapse repeated units (dedup): the model reads one token per "phone", not per frame.
     common = [
-        "model=tiny",
+        "size=tiny",
         *data,
         "data.sequence.dedup=true",
         "data.train.dataloader.batch_size=16",
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 "recipes/cpt.py",
                 "data=cpt/synthetic",
                 *common,
-                f"checkpointer.checkpoint_dir={model}",
+                f"model={model}",
                 f"output_dir={cpt_run}",
                 f"max_steps={args.cpt_steps}",
                 "optimizer.lr=2e-3",
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 "recipes/sft.py",
                 "data=sft/synthetic",
                 *common,
-                f"checkpointer.checkpoint_dir={last_checkpoint(cpt_run)}",
+                f"model={last_checkpoint(cpt_run)}",
                 f"output_dir={sft_run}",
                 f"max_steps={args.sft_steps}",
                 "optimizer.lr=2e-3",

@@ -3,12 +3,12 @@
 
     python scripts/extend_llama3_2.py --n_new_dsus 5000 --input_dir Llama-3.2-1B
 
-See `python scripts/extend_llama3_2.py --help` and README.md; the logic lives in `ssi.extend`.
+See `python scripts/extend_llama3_2.py --help` and README.md; the logic lives in `ssi.vocab.extend`.
 """
 
 import sys
 
-from ssi.extend import main
+from ssi.vocab.extend import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,9 +4,7 @@
     python scripts/generate.py model=runs/sft-1b/checkpoints/epoch_0/global_step_5000 [data=sft/<preset>]
         [gen.split=test] [backend=vllm|torch] [gen.output_dir=...] [sampling_params.max_tokens=...] ...
 
-The configuration is conf/generate.yaml (every default documented there); the work is ssi.generation.
-Hydra reads it through conf/_generate/ (symlinks to generate.yaml and data/): in conf/ itself
-`model=<dir>` would be taken as a choice of the recipes' `model` config group.
+The configuration is conf/generate.yaml (every default documented there); the work is ssi.generate.
 The `__main__` guard matters: vLLM's engine starts worker processes that re-import this file.
 """
 
@@ -15,10 +13,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from ssi.generation import main as generate
+from ssi.generate.pipeline import main as generate
 
 
-@hydra.main(version_base=None, config_path="../conf/_generate", config_name="generate")
+@hydra.main(version_base=None, config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     sys.exit(generate(cfg))
 

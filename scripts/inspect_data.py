@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Print exactly what the model will see for a data preset: formatted examples, masks and statistics.
 
-    python scripts/inspect_data.py model_dir=<speech-extended model> data=cpt/mls_hubert_large_l22 \
+    python scripts/inspect_data.py model=<speech-extended model> data=cpt/mls_hubert_large_l22 \
         data.train.dataset.n_samples=200 [split=dev] [n_examples=5] [inference=true]
 
 Same Hydra data config as the recipes (conf/inspect_data.yaml documents the extra keys).
@@ -10,22 +10,25 @@ Same Hydra data config as the recipes (conf/inspect_data.yaml documents the extr
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from ssi import report_error
+from ssi.config import MissingSettingError, required, to_container
 from ssi.data.sources import DataValidationError
 from ssi.data.stats import inspection_report
-from ssi.tokenizer import load_tokenizer
-from ssi.tokens import VocabError
+from ssi.vocab.layout import VocabError
+from ssi.vocab.tiktoken import load_tokenizer
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="inspect_data")
 def main(cfg: DictConfig) -> None:
     try:
-        tokenizer = load_tokenizer(cfg.model_dir)
-        print(inspection_report(OmegaConf.to_container(cfg, resolve=True), tokenizer))
-    except (DataValidationError, VocabError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        if cfg.model_dir is not None:
+            raise MissingSettingError(f"model_dir= is now model=: pass model={cfg.model_dir}")
+        tokenizer = load_tokenizer(required(cfg, "model"))
+        print(inspection_report(to_container(cfg), tokenizer))
+    except (DataValidationError, VocabError, MissingSettingError, FileNotFoundError) as err:
+        sys.exit(report_error(err))
 
 
 if __name__ == "__main__":

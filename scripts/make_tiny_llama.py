@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ssi.hf_dir import atomic_output_dir
+from ssi import report_error
+from ssi.files import atomic_output_dir
 from ssi.testing import LLAMA_3_2_1B, LlamaShape, write_llama_dir
 
 
@@ -57,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 tmp, shape=shape, dtype=getattr(torch, args.dtype), seed=args.seed, n_bpe=128000 if one_b else None
             )
     except FileExistsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_error(err)
     print(args.output_dir)
     return 0
 

@@ -17,7 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from ssi.run_logs import read_metrics, series
+from ssi import report_error
+from ssi.run_dir import read_metrics, series
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             metrics = read_metrics(run_dir)
         except FileNotFoundError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            return report_error(err)
         for key, style in (("loss", "-"), ("dev_loss", "o-")):
             steps, values = series(metrics, key)
             if steps:

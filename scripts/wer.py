@@ -3,12 +3,12 @@
 
     python scripts/wer.py runs/sft/generations/epoch_0/global_step_500/mls_hubert/test/generations.jsonl
 
-See `python scripts/wer.py --help` and README.md; the logic lives in `ssi.metrics`.
+See `python scripts/wer.py --help` and README.md; the logic lives in `ssi.eval.scoring`.
 """
 
 import sys
 
-from ssi.metrics import main
+from ssi.eval.scoring import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssi.extend import extend_model_dir
 from ssi.testing import LlamaShape, write_llama_dir
+from ssi.vocab.extend import extend_model_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -7,11 +7,12 @@ from functools import partial
 import pytest
 import torch
 
-from ssi.data.collate import TokenKinds, block_causal_mask, collate_packed, collate_padded, count_token_kinds
+from ssi.data.collate import block_causal_mask, collate_packed, collate_padded, count_token_kinds
 from ssi.data.packing import PackedDataset
+from ssi.vocab.layout import SpeechVocab
 
 # The tiny extended layout: BPE < 2000, specials 2000..2255, DSUs 2256..2555, modality 2556/2557.
-KINDS = TokenKinds(n_bpe=2000, dsu_start=2256, dsu_end=2556)
+VOCAB = SpeechVocab(n_bpe=2000, n_dsus=300)  # DSU ids 2256..2555
 PAD = 2004
 
 
@@ -41,7 +42,7 @@ def test_padded_collation_and_counts() -> None:
         {"tokens": [2000, 5, 6, 2557, 2300, 2301, 2001], "labels": [2000, 5, 6, 2557, 2300, 2301, 2001]},
         {"tokens": [2000, 7, 2009], "labels": [-100, 7, 2009]},
     ]
-    out = collate_padded(batch, pad_id=PAD, kinds=KINDS, pad_to_multiple_of=4)
+    out = collate_padded(batch, pad_id=PAD, vocab=VOCAB, pad_to_multiple_of=4)
     assert out["tokens"].shape == (2, 8)
     assert out["tokens"][1].tolist() == [2000, 7, 2009, PAD, PAD, PAD, PAD, PAD]
     assert out["labels"][1].tolist() == [-100, 7, 2009, -100, -100, -100, -100, -100]
@@ -49,19 +50,19 @@ def test_padded_collation_and_counts() -> None:
     # text: 5, 6, 7; dsu: 2300, 2301; special: 2000, 2557, 2001, 2000, 2009; padding: 1 + 5.
     assert counts == {"text": 3, "dsu": 2, "special": 5, "padding": 6}
     with pytest.raises(ValueError, match="3 tokens but 2 labels"):
-        collate_padded([{"tokens": [1, 2, 3], "labels": [1, 2]}], PAD, KINDS)
+        collate_padded([{"tokens": [1, 2, 3], "labels": [1, 2]}], PAD, VOCAB)
 
 
 def test_count_token_kinds_ignores_padding_positions_holding_any_id() -> None:
     tokens = torch.tensor([[1, 2300, 2001, 1]])
     valid = torch.tensor([[True, True, True, False]])
-    assert {k: int(v) for k, v in count_token_kinds(tokens, valid, KINDS).items()} == {
+    assert {k: int(v) for k, v in count_token_kinds(tokens, valid, VOCAB).items()} == {
         "text": 1,
         "dsu": 1,
         "special": 1,
         "padding": 1,
     }
-    assert [KINDS.kind_of(i) for i in (0, 1999, 2000, 2256, 2555, 2556)] == [
+    assert [VOCAB.kind_of(i) for i in (0, 1999, 2000, 2256, 2555, 2556)] == [
         "text", "text", "special", "dsu", "dsu", "special"
     ]  # fmt: skip
 
@@ -92,7 +93,7 @@ def test_open_packs_bounds_the_buffer() -> None:
 def test_packed_mask_has_no_cross_document_attention() -> None:
     data = ListDataset([doc(100, 3), doc(200, 2), doc(300, 2)])
     packs = list(PackedDataset(data, max_seq_len=8, pad_id=PAD, shuffle=False))
-    batch = collate_packed(packs, KINDS)
+    batch = collate_packed(packs, VOCAB)
     assert "mask" not in batch  # collate runs in DataLoader workers: the mask is built on the device
     mask = block_causal_mask(batch["seq_lens"], torch.device("cpu"))[0]  # dense on CPU: [L, L] bool
     document = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3])  # the last position is padding (its own document)
@@ -105,9 +106,9 @@ def test_packed_mask_has_no_cross_document_attention() -> None:
 
 def test_packed_and_padded_train_on_the_same_targets() -> None:
     samples = [doc(10, 4), doc(50, 3), doc(90, 5)]
-    padded = collate_padded(samples, PAD, KINDS)
+    padded = collate_padded(samples, PAD, VOCAB)
     packs = list(PackedDataset(ListDataset(samples), max_seq_len=16, pad_id=PAD, shuffle=False))
-    packed = collate_packed(packs, KINDS)
+    packed = collate_packed(packs, VOCAB)
 
     def targets(tokens: torch.Tensor, labels: torch.Tensor) -> set[tuple[int, int]]:
         # The training loop shifts: position t is trained to predict labels[t + 1].
@@ -142,7 +143,7 @@ def test_packing_through_a_dataloader_with_workers() -> None:
     packed = PackedDataset(data, max_seq_len=8, pad_id=PAD, seed=3)
     packed.set_epoch(0)
     loader = torch.utils.data.DataLoader(
-        packed, batch_size=2, num_workers=2, collate_fn=partial(collate_packed, kinds=KINDS)
+        packed, batch_size=2, num_workers=2, collate_fn=partial(collate_packed, vocab=VOCAB)
     )
     seen: list[int] = []
     for batch in loader:

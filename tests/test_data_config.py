@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from ssi.data.config import build_dataloader, build_dataset, set_loader_epoch, to_container
+from ssi.config import to_container
+from ssi.data.config import build_dataset
+from ssi.data.loaders import build_dataloader, set_loader_epoch
 from ssi.data.sources import DataValidationError
-from ssi.tokenizer import load_tokenizer
+from ssi.vocab.tiktoken import load_tokenizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "data" / "cpt").glob("*.yaml") if not p.stem.startswith("_"))
@@ -24,7 +26,7 @@ FRAME_RATES = {
 
 def data_config(preset: str, *overrides: str) -> dict:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="inspect_data", overrides=[f"data={preset}", "model_dir=unused", *overrides])
+        cfg = compose(config_name="inspect_data", overrides=[f"data={preset}", "model=unused", *overrides])
     return to_container(cfg.data)
 
 

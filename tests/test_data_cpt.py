@@ -19,7 +19,7 @@ import torch
 from ssi.data.cpt import CPTDataset, CPTOptions, SpanSampler, dedup_units, speech_span, time_to_frame
 from ssi.data.sources import DataValidationError
 from ssi.testing import small_tiktoken_file
-from ssi.tokenizer import SpeechLlama3Tokenizer, load_tokenizer
+from ssi.vocab.tiktoken import SpeechLlama3Tokenizer, load_tokenizer
 
 BOS, EOS, TXT, SPC, DSU0 = 2000, 2001, 2556, 2557, 2256
 THE_CAT = [407, 282, 287]  # "the cat"
@@ -210,7 +210,7 @@ def test_word_cache_equals_encoding_the_joined_span(tok) -> None:
 
 def test_modality_tokens_need_a_model_extended_with_them(tiny_base_dir: Path, tmp_path: Path, hand_made) -> None:
     from ssi.data.sft import SFTDataset, SFTOptions
-    from ssi.extend import extend_model_dir
+    from ssi.vocab.extend import extend_model_dir
 
     plain = load_tokenizer(extend_model_dir(tiny_base_dir, tmp_path / "m", 300, modality_tokens=False, progress=False))
     with pytest.raises(DataValidationError, match="extended without modality tokens"):

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ssi.data.stats import TokenRenderer, inspection_report
-from ssi.tokenizer import SpeechLlama3Tokenizer, load_tokenizer
+from ssi.vocab.tiktoken import SpeechLlama3Tokenizer, load_tokenizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -23,7 +23,7 @@ def tok(tiny_extended_dir: Path) -> SpeechLlama3Tokenizer:
 
 def report(tok, corpus: Path, *overrides: str) -> str:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("inspect_data", overrides=["model_dir=unused", f"data.train.dataset.source={corpus}", *overrides])
+        cfg = compose("inspect_data", overrides=["model=unused", f"data.train.dataset.source={corpus}", *overrides])
     return inspection_report(OmegaConf.to_container(cfg, resolve=True), tok)
 
 
@@ -64,7 +64,7 @@ def test_sft_report_shows_masking_and_truncation(tok, synthetic_corpus_dir: Path
 
 def test_inspect_script_runs_through_hydra(tiny_extended_dir: Path, synthetic_corpus_dir: Path, tmp_path: Path) -> None:
     script = CONF.parent / "scripts" / "inspect_data.py"
-    cmd = [sys.executable, str(script), f"model_dir={tiny_extended_dir}", "data=sft/synthetic"]
+    cmd = [sys.executable, str(script), f"model={tiny_extended_dir}", "data=sft/synthetic"]
     cmd += [f"data.train.dataset.source={synthetic_corpus_dir}", "n_examples=1", "n_stats=4"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stderr[-2000:]

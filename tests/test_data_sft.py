@@ -9,7 +9,7 @@ import pytest
 
 from ssi.data.sft import SFTDataset, SFTOptions
 from ssi.data.sources import DataValidationError
-from ssi.tokenizer import SpeechLlama3Tokenizer, load_tokenizer
+from ssi.vocab.tiktoken import SpeechLlama3Tokenizer, load_tokenizer
 
 BOS, EOS, START, END, EOT, TXT, SPC, DSU0 = 2000, 2001, 2006, 2007, 2009, 2556, 2557, 2256
 NL2 = [10, 10]  # "\n\n" in the 2,000-rank test vocabulary

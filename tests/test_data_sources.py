@@ -18,7 +18,7 @@ from ssi.data.sources import (
     source_kind,
     validate_dataset,
 )
-from ssi.tokens import SpeechVocab
+from ssi.vocab.layout import SpeechVocab
 
 COLS = ColumnNames()
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from ssi.run_logs import read_metrics as metrics
+from ssi.run_dir import read_metrics as metrics
 
-from .test_training import corpus, final_weights, overrides, run  # noqa: F401 (corpus is a fixture)
+from .test_train_recipe import corpus, final_weights, overrides, run  # noqa: F401 (corpus is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,9 +1,9 @@
-"""HF model directories on disk: what they hold, how to read their config, and how to write them safely.
+"""HF model directories on disk: the files they hold, their config, and their weights as safetensors bytes.
 
 Weights are handled tensor by tensor straight from the safetensors byte layout (an 8-byte header
 length, a JSON header with dtype/shape/offsets, then raw bytes), so a 3B checkpoint can be edited
-without ever holding it in memory. Outputs appear atomically: built under a hidden temporary name
-beside the destination, then renamed.
+without ever holding it in memory. This module owns the names of a model directory's files
+(docs/vocabulary.md lists what a speech-extended one holds).
 """
 
 from __future__ import annotations
@@ -11,19 +11,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
+from ssi.files import FileFormatError, read_json
+
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TIKTOKEN_FILE = "original/tokenizer.model"
+MANIFEST_NAME = "ssi.json"  # the speech-vocabulary manifest of an extended model (ssi.vocab.layout)
+# What a complete speech-extended model directory holds besides weights: transformers, vLLM and torchtune
+# each need some of these, and every checkpoint carries them all.
+REQUIRED_SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, TIKTOKEN_FILE, MANIFEST_NAME)
 _COPY_CHUNK = 64 << 20
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -39,7 +44,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-_CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class ModelDirError(ValueError):
@@ -49,17 +53,12 @@ class ModelDirError(ValueError):
 # --- config ----------------------------------------------------------------------------------------
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_model_json(path: Path) -> dict[str, Any]:
+    """A JSON file of a model directory; a missing or broken one is a `ModelDirError` naming it."""
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelDirError(f"{path} is missing") from None
-    except json.JSONDecodeError as err:
-        raise ModelDirError(f"{path} is not valid JSON: {err}") from None
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        return read_json(path)
+    except FileFormatError as err:
+        raise ModelDirError(str(err)) from None
 
 
 def read_llama_config(model_dir: Path) -> dict[str, Any]:
@@ -69,7 +68,7 @@ def read_llama_config(model_dir: Path) -> dict[str, Any]:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise ModelDirError(f"{model_dir} is not an HF model directory: config.json is missing")
-    config = read_json(config_path)
+    config = read_model_json(config_path)
     if config.get("model_type") != "llama":
         raise ModelDirError(
             f"{config_path}: model_type is {config.get('model_type')!r}, expected 'llama' (a Llama 3.x checkpoint)"
@@ -77,12 +76,12 @@ def read_llama_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
-def config_dtype(config: dict[str, Any]) -> torch.dtype:
-    """The checkpoint dtype: `torch_dtype` (transformers <= 4.x, the hub's files) or `dtype` (5.x)."""
-    name = config.get("torch_dtype", config.get("dtype", "float32"))
-    if name not in _CONFIG_DTYPES:
-        raise ModelDirError(f"config.json: unsupported dtype {name!r} (expected one of {sorted(_CONFIG_DTYPES)})")
-    return _CONFIG_DTYPES[name]
+def missing_files(model_dir: Path) -> list[str]:
+    """What a directory lacks to be a complete speech-extended model or checkpoint (empty: complete)."""
+    missing = [f for f in REQUIRED_SIDE_FILES if not (model_dir / f).is_file()]
+    if not (model_dir / SAFETENSORS_SINGLE).is_file() and not (model_dir / SAFETENSORS_INDEX).is_file():
+        missing.append(f"{SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}")
+    return missing
 
 
 def config_rope_scaling(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -142,7 +141,7 @@ def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a model directory (one file, or the shards named by the index)."""
     index_path = model_dir / SAFETENSORS_INDEX
     if index_path.is_file():
-        shards = sorted(set(read_json(index_path).get("weight_map", {}).values()))
+        shards = sorted(set(read_model_json(index_path).get("weight_map", {}).values()))
         if not shards:
             raise ModelDirError(f"{index_path} has an empty weight_map")
         missing = [s for s in shards if not (model_dir / s).is_file()]
@@ -231,35 +230,3 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES[dtype]
-
-
-# --- atomic output ----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_output_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `final` only if the block completes.
-
-    An existing `final` is refused unless `overwrite`, and then replaced only after the new one is
-    complete. A failure removes the temporary directory and leaves `final` as it was.
-    """
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; pass --overwrite to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)

@@ -20,14 +20,9 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from torchtune.models.llama3._tokenizer import CL100K_PATTERN
 
-from ssi.hf_dir import (
-    SAFETENSORS_INDEX,
-    SAFETENSORS_SINGLE,
-    TIKTOKEN_FILE,
-    save_tensors,
-    write_json,
-)
-from ssi.tokens import llama3_special_tokens
+from ssi.files import write_json
+from ssi.hf_dir import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TIKTOKEN_FILE, save_tensors
+from ssi.vocab.layout import llama3_special_tokens
 
 HUB_TRANSFORMERS_VERSION = "4.45.0.dev0"
 

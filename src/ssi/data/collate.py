@@ -12,7 +12,6 @@ initialise it).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,31 +19,14 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.modules.attention_utils import create_block_causal_mask
 from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
 
-from ssi.tokens import SpeechVocab
+from ssi.vocab.layout import SpeechVocab
 
 
-@dataclass(frozen=True)
-class TokenKinds:
-    """Id ranges of one vocabulary, to count text / DSU / special tokens in a batch."""
-
-    n_bpe: int
-    dsu_start: int
-    dsu_end: int
-
-    @classmethod
-    def from_vocab(cls, vocab: SpeechVocab) -> TokenKinds:
-        return cls(vocab.n_bpe, vocab.dsu_start, vocab.dsu_end)
-
-    def kind_of(self, token_id: int) -> str:
-        if token_id < self.n_bpe:
-            return "text"
-        return "dsu" if self.dsu_start <= token_id < self.dsu_end else "special"
-
-
-def count_token_kinds(tokens: torch.Tensor, valid: torch.Tensor, kinds: TokenKinds) -> dict[str, torch.Tensor]:
-    """Counts of text, DSU, special (Llama 3 and modality) and padding positions; `valid` marks non-padding."""
-    is_text = (tokens < kinds.n_bpe) & valid
-    is_dsu = (tokens >= kinds.dsu_start) & (tokens < kinds.dsu_end) & valid
+def count_token_kinds(tokens: torch.Tensor, valid: torch.Tensor, vocab: SpeechVocab) -> dict[str, torch.Tensor]:
+    """Counts of text, DSU, special (Llama 3 and modality) and padding positions; `valid` marks non-padding.
+    The vectorised twin of `SpeechVocab.kind_of`."""
+    is_text = (tokens < vocab.n_bpe) & valid
+    is_dsu = (tokens >= vocab.dsu_start) & (tokens < vocab.dsu_end) & valid
     n_valid = valid.sum()
     n_text, n_dsu = is_text.sum(), is_dsu.sum()
     return {
@@ -58,7 +40,7 @@ def count_token_kinds(tokens: torch.Tensor, valid: torch.Tensor, kinds: TokenKin
 def collate_padded(
     batch: Sequence[dict[str, Any]],
     pad_id: int,
-    kinds: TokenKinds,
+    vocab: SpeechVocab,
     pad_to_multiple_of: int = 1,
     max_length: int | None = None,
 ) -> dict[str, Any]:
@@ -80,10 +62,10 @@ def collate_padded(
         tokens[row, :n] = torch.as_tensor(sample["tokens"], dtype=torch.long)
         labels[row, :n] = torch.as_tensor(sample["labels"], dtype=torch.long)
         valid[row, :n] = True
-    return {"tokens": tokens, "labels": labels, "token_counts": count_token_kinds(tokens, valid, kinds)}
+    return {"tokens": tokens, "labels": labels, "token_counts": count_token_kinds(tokens, valid, vocab)}
 
 
-def collate_packed(batch: Sequence[dict[str, torch.Tensor]], kinds: TokenKinds) -> dict[str, Any]:
+def collate_packed(batch: Sequence[dict[str, torch.Tensor]], vocab: SpeechVocab) -> dict[str, Any]:
     """Stack packs from `PackedDataset`; `seq_lens` stays a list (packs hold different numbers of documents)."""
     tokens = torch.stack([p["tokens"] for p in batch])
     valid = torch.stack([torch.arange(p["tokens"].numel()) < p["tokens"].numel() - int(p["n_padding"]) for p in batch])
@@ -92,7 +74,7 @@ def collate_packed(batch: Sequence[dict[str, torch.Tensor]], kinds: TokenKinds) 
         "labels": torch.stack([p["labels"] for p in batch]),
         "input_pos": torch.stack([p["input_pos"] for p in batch]),
         "seq_lens": [p["seq_lens"] for p in batch],
-        "token_counts": count_token_kinds(tokens, valid, kinds),
+        "token_counts": count_token_kinds(tokens, valid, vocab),
     }
 
 

@@ -9,15 +9,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, DistributedSampler
-
-from ssi.data.collate import TokenKinds, collate_packed, collate_padded
 from ssi.data.cpt import CPTDataset, CPTOptions, SpanSampler
-from ssi.data.packing import PackedDataset
 from ssi.data.sft import SFTDataset, SFTOptions
 from ssi.data.sources import (
     ColumnNames,
@@ -28,13 +22,13 @@ from ssi.data.sources import (
     load_source,
     validate_dataset,
 )
-from ssi.tokenizer import SpeechLlama3Tokenizer
+from ssi.vocab.tiktoken import SpeechLlama3Tokenizer
 
 LOGGER = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test")
 
 
-def _get(cfg: Mapping[str, Any], key: str) -> Any:
+def config_value(cfg: Mapping[str, Any], key: str) -> Any:
     """A required key, with the dotted path in the error (Hydra's own message lacks the preset context)."""
     node: Any = cfg
     for part in key.split("."):
@@ -45,16 +39,16 @@ def _get(cfg: Mapping[str, Any], key: str) -> Any:
 
 
 def encoder_from_config(cfg: Mapping[str, Any]) -> Encoder:
-    enc = _get(cfg, "encoder")
+    enc = config_value(cfg, "encoder")
     return Encoder(str(enc["name"]), int(enc["n_units"]), int(enc["sampling_rate"]), int(enc["downsampling_ratio"]))
 
 
 def columns_from_config(cfg: Mapping[str, Any]) -> ColumnNames:
-    return ColumnNames(**{k: str(v) for k, v in _get(cfg, "columns").items()})
+    return ColumnNames(**{k: str(v) for k, v in config_value(cfg, "columns").items()})
 
 
 def cpt_options_from_config(cfg: Mapping[str, Any]) -> CPTOptions:
-    seq = _get(cfg, "sequence")
+    seq = config_value(cfg, "sequence")
     mixture = seq.get("mixture")
     return CPTOptions(
         sequence_type=str(seq["type"]),
@@ -70,7 +64,7 @@ def cpt_options_from_config(cfg: Mapping[str, Any]) -> CPTOptions:
 
 
 def sft_options_from_config(cfg: Mapping[str, Any]) -> SFTOptions:
-    seq, sft = _get(cfg, "sequence"), _get(cfg, "sft")
+    seq, sft = config_value(cfg, "sequence"), config_value(cfg, "sft")
     return SFTOptions(
         system_prompt=sft.get("system_prompt"),
         instruction=sft.get("instruction"),
@@ -101,14 +95,14 @@ def build_dataset(
     encoder = encoder_from_config(cfg)
     encoder.check_vocab(tokenizer.vocab)
     columns = columns_from_config(cfg)
-    ds_cfg = _get(cfg, f"{split}.dataset")
+    ds_cfg = config_value(cfg, f"{split}.dataset")
     spec = SourceSpec(
         source=str(ds_cfg["source"]),
         split=str(ds_cfg["split"]),
         n_samples=ds_cfg.get("n_samples"),
         shuffle_seed=ds_cfg.get("shuffle_seed"),
     )
-    validation = _get(cfg, "validation")
+    validation = config_value(cfg, "validation")
     raw = load_source(spec, columns)
     ds, report = validate_dataset(
         raw,
@@ -121,7 +115,7 @@ def build_dataset(
     )
     if len(ds) == 0:
         raise DataValidationError(f"{spec.resolved}[{spec.split}]: no samples left after validation")
-    kind = _get(cfg, "kind")
+    kind = config_value(cfg, "kind")
     if kind == "cpt":
         if inference:
             raise DataValidationError("inference prompts are built from SFT presets (data=sft/<preset>)")
@@ -133,95 +127,11 @@ def build_dataset(
     return BuiltSplit(dataset, report, encoder)
 
 
-def build_dataloader(
-    cfg: Mapping[str, Any],
-    split: str,
-    built: BuiltSplit,
-    tokenizer: SpeechLlama3Tokenizer,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    pin_memory: bool = False,
-) -> DataLoader:
-    """DataLoader for a training/eval split: padded batches through a DistributedSampler, or packs.
-    `pin_memory` (CUDA training) lets batches reach the GPU with non-blocking copies.
-
-    Call `loader.sampler.set_epoch(e)` (padded) or `loader.dataset.set_epoch(e)` (packed) plus
-    `built.dataset.set_epoch(e)` at each epoch; `set_loader_epoch` does all of it.
-    """
-    assert tokenizer.vocab is not None
-    loader_cfg = _get(cfg, f"{split}.dataloader")
-    kinds = TokenKinds.from_vocab(tokenizer.vocab)
-    seed = int(_get(cfg, "sequence.seed"))
-    workers = int(loader_cfg.get("num_workers", 0))
-    common: dict[str, Any] = {
-        "batch_size": int(loader_cfg["batch_size"]),
-        "num_workers": workers,
-        "drop_last": bool(loader_cfg.get("drop_last", False)),
-        "pin_memory": pin_memory,
-    }
-    if bool(_get(cfg, "packing.enabled")):
-        max_seq_len = _get(cfg, "sequence.max_seq_len")
-        if max_seq_len is None:
-            raise DataValidationError("packing needs data.sequence.max_seq_len (the pack length)")
-        packed = PackedDataset(
-            built.dataset,
-            int(max_seq_len),
-            tokenizer.pad_id,
-            shuffle=bool(loader_cfg.get("shuffle", False)),
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            open_packs=int(_get(cfg, "packing.open_packs")),
-        )
-        return DataLoader(packed, collate_fn=partial(collate_packed, kinds=kinds), **common)
-    sampler = DistributedSampler(
-        built.dataset,
-        num_replicas=world_size,
-        rank=rank,
-        shuffle=bool(loader_cfg.get("shuffle", False)),
-        seed=seed,
-        drop_last=bool(loader_cfg.get("drop_last", False)),
-    )
-    return DataLoader(
-        built.dataset,
-        sampler=sampler,
-        collate_fn=partial(
-            collate_padded,
-            pad_id=tokenizer.pad_id,
-            kinds=kinds,
-            pad_to_multiple_of=int(loader_cfg.get("pad_to_multiple_of", 1)),
-            max_length=_get(cfg, "sequence.max_seq_len"),
-        ),
-        **common,
-    )
-
-
-def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
-    """Advance every epoch-dependent draw of a loader from `build_dataloader` (sample order and sequences)."""
-    if isinstance(loader.dataset, PackedDataset):
-        loader.dataset.set_epoch(epoch)
-        return
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    dataset = loader.dataset
-    if isinstance(dataset, (CPTDataset, SFTDataset)):
-        dataset.set_epoch(epoch)
-
-
-def to_container(cfg: Any) -> Any:
-    """A plain dict from an OmegaConf node (or a dict), resolving interpolations."""
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
 __all__ = [
     "BuiltSplit",
-    "build_dataloader",
     "build_dataset",
     "columns_from_config",
     "cpt_options_from_config",
     "encoder_from_config",
-    "set_loader_epoch",
     "sft_options_from_config",
-    "to_container",
 ]

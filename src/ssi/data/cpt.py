@@ -1,6 +1,6 @@
 """Continued pre-training (text completion) sequences built from word-aligned speech-text samples.
 
-Sequence types (design.md section 4 schema in, token ids out):
+Sequence types (docs/data.md schema in, token ids out):
 
 - `interleaved`: the words are cut into spans whose lengths come from `SpanSampler`; spans alternate
   between text (BPE of the words) and speech (the DSU frames those words cover), the first modality
@@ -12,7 +12,7 @@ Sequence types (design.md section 4 schema in, token ids out):
 
 Speech for words [a, b) is `speech[floor(start_a * fps) : ceil(end_{b-1} * fps)]`. Every random choice
 comes from a generator seeded by (seed, epoch, index), so a sample is the same whichever worker, rank
-or resume point builds it. DSU spans never go through BPE: their ids are `dsu_start + unit`.
+or resume point builds it. DSU spans never go through BPE: their ids come from the vocabulary (`SpeechVocab.dsu_ids`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from ssi.data.sources import ColumnNames, DataValidationError
-from ssi.tokenizer import SpeechLlama3Tokenizer
-from ssi.tokens import SpeechVocab
+from ssi.vocab.layout import SpeechVocab
+from ssi.vocab.tiktoken import SpeechLlama3Tokenizer
 
 SEQUENCE_TYPES = ("interleaved", "concatenated_txt_dsu", "concatenated_dsu_txt", "dsu_only", "text_only")
 SPAN_DISTRIBUTIONS = ("poisson", "uniform", "binomial", "fixed")
@@ -270,7 +270,7 @@ class CPTDataset(torch.utils.data.Dataset):
     def _dsu_ids(self, units: np.ndarray) -> np.ndarray:
         if self.options.dedup:
             units = dedup_units(units)
-        return units + self.vocab.dsu_start
+        return self.vocab.dsu_ids(units)
 
     def _interleaved(
         self, row: dict[str, Any], speech: np.ndarray, rng: np.random.Generator

@@ -19,8 +19,8 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
 
 from ssi.data.cpt import dedup_units
 from ssi.data.sources import ColumnNames, DataValidationError
-from ssi.tokenizer import SpeechLlama3Tokenizer
-from ssi.tokens import MODALITY_SPEECH, MODALITY_TEXT, dsus_to_text
+from ssi.vocab.layout import MODALITY_SPEECH, MODALITY_TEXT, dsus_to_text
+from ssi.vocab.tiktoken import SpeechLlama3Tokenizer
 
 
 @dataclass(frozen=True)

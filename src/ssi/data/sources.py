@@ -1,4 +1,4 @@
-"""Where samples come from and whether they can be trusted (design.md section 4).
+"""Where samples come from and whether they can be trusted (docs/data.md).
 
 A source is a hub dataset id, a `save_to_disk` folder, a folder of split-named data files, or local
 jsonl/parquet files (a path or glob; several files merge; `{split}` in the path is replaced by the split
@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ssi.tokens import SpeechVocab
+from ssi.vocab.layout import SpeechVocab
 
 LOGGER = logging.getLogger(__name__)
 

@@ -15,11 +15,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ssi.data.collate import TokenKinds
 from ssi.data.config import build_dataset
 from ssi.data.cpt import CPTDataset, dedup_units
 from ssi.data.sft import SFTDataset
-from ssi.tokenizer import SpeechLlama3Tokenizer
+from ssi.vocab.tiktoken import SpeechLlama3Tokenizer
 
 LOGGER = logging.getLogger(__name__)
 KIND_NAMES = ("text", "dsu", "special")
@@ -32,7 +31,7 @@ class TokenRenderer:
         if tokenizer.vocab is None:
             raise ValueError("rendering needs a speech-extended tokenizer")
         self.tokenizer = tokenizer
-        self.kinds = TokenKinds.from_vocab(tokenizer.vocab)
+        self.vocab = tokenizer.vocab
         names = {i: s for s, i in tokenizer.special_tokens.items()}
         names.update({i: s for s, i in tokenizer.vocab.modality_token_ids.items()})
         self._names = names
@@ -41,14 +40,14 @@ class TokenRenderer:
         pieces: list[str] = []
         text_run: list[int] = []
         for token in tokens:
-            if token < self.kinds.n_bpe:
+            if token < self.vocab.n_bpe:
                 text_run.append(token)
                 continue
             if text_run:
                 pieces.append(self.tokenizer.tt_model.decode(text_run))
                 text_run = []
-            if self.kinds.dsu_start <= token < self.kinds.dsu_end:
-                pieces.append(f"<{token - self.kinds.dsu_start}>")
+            if self.vocab.is_dsu_id(token):
+                pieces.append(f"<{self.vocab.unit_of(token)}>")
             else:
                 pieces.append(self._names.get(token, f"<?{token}>"))
         if text_run:
@@ -58,7 +57,7 @@ class TokenRenderer:
     def counts(self, tokens: Iterable[int]) -> dict[str, int]:
         out = dict.fromkeys(KIND_NAMES, 0)
         for token in tokens:
-            out[self.kinds.kind_of(token)] += 1
+            out[self.vocab.kind_of(token)] += 1
         return out
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ssi import setup_cli_logging
-from ssi.hf_dir import atomic_output_dir
+from ssi.files import atomic_output_dir
 
 LOGGER = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from ssi.data.sources import DataValidationError, SourceSpec, load_rows
-from ssi.tokenizer import SpeechLlama3Tokenizer
+from ssi.vocab.tiktoken import SpeechLlama3Tokenizer
 
 
 class TextDataset(Dataset):

@@ -1,0 +1,57 @@
+"""Hydra/OmegaConf configuration as plain Python values, and the one error for a missing setting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+
+class MissingSettingError(ValueError):
+    """A required setting (`???` in the YAML) that the command line did not give."""
+
+
+def to_container(node: Any) -> Any:
+    """A plain dict/list from an OmegaConf node (interpolations resolved); other values unchanged."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def select(cfg: DictConfig, key: str) -> Any:
+    """The value at a dotted key as plain Python (None where absent or `???`)."""
+    return to_container(OmegaConf.select(cfg, key, throw_on_missing=False))
+
+
+def required(cfg: DictConfig, key: str, hint: str = "") -> Any:
+    """The value at a dotted key, or a `MissingSettingError` naming it."""
+    try:
+        value = OmegaConf.select(cfg, key, throw_on_missing=True)
+    except MissingMandatoryValue:
+        value = None
+    if value is None:
+        raise MissingSettingError(f"missing required setting {key}: pass {key}=... on the command line{hint}")
+    return to_container(value)
+
+
+def check_complete(cfg: DictConfig) -> None:
+    """Raise `MissingSettingError` for the first `???` anywhere in the config."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        raise MissingSettingError(
+            f"missing required setting {err.full_key}: pass {err.full_key}=... on the command line"
+        ) from None
+
+
+def model_dir_setting(cfg: DictConfig) -> None:
+    """`model=` names the model directory in every entry point. The recipes also accept the reference
+    project's spelling, `checkpointer.checkpoint_dir=` (by default an interpolation of `model`): given
+    explicitly, it wins and is recorded as `model` too."""
+    checkpointer = cfg.get("checkpointer")
+    if checkpointer is None or OmegaConf.is_interpolation(checkpointer, "checkpoint_dir"):
+        return
+    if OmegaConf.is_missing(checkpointer, "checkpoint_dir"):
+        return
+    cfg.model = checkpointer.checkpoint_dir

@@ -1,0 +1,84 @@
+"""Writing outputs so that a reader never sees half of one, and reading the JSON files tools exchange.
+
+Every output of ssi (model directories, checkpoints, generations, scores, reports) is built under a
+hidden temporary name beside its destination and renamed into place when complete: a crash leaves the
+destination as it was, never a directory or file that looks finished but is not. Existing outputs are
+replaced only when the caller says so (`overwrite`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+class FileFormatError(ValueError):
+    """A file that is missing or does not hold what its reader expects; the message names the file."""
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileFormatError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FileFormatError(f"{path} is not valid JSON: {err}") from None
+
+
+def write_json(path: Path, data: Any) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `final` only if the block completes.
+
+    An existing `final` is refused unless `overwrite`, and then replaced only after the new one is
+    complete. A failure removes the temporary directory and leaves `final` as it was.
+    """
+    final = Path(final)
+    _refuse_existing(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+def atomic_write_text(path: Path, text: str, overwrite: bool = False) -> None:
+    """Write `text` beside `path` under a hidden name, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    _refuse_existing(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: Path, data: Any, overwrite: bool = False) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n", overwrite)

@@ -1,0 +1,276 @@
+"""`scripts/generate.py model=<checkpoint>`: transcribe one split, write it where the run layout says,
+score it.
+
+The checkpoint is enough: its run's config supplies the data preset (`ssi.generate.prompts`), its
+`ssi.json` the vocabulary. Output goes to `<run>/generations/epoch_E/global_step_S/<dataset>/<split>/`
+(docs/run_directory.md) through an atomic directory: `generations.jsonl` (one object per prompt, in
+split order) and `generation_config.yaml` (every resolved setting); then `ssi.eval.scoring` writes
+`wer.json` beside them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ssi import devices, report_error, run_dir, setup_cli_logging
+from ssi.config import MissingSettingError, required, to_container
+from ssi.data import DataValidationError
+from ssi.dtypes import DtypeError, parse_dtype, short_name
+from ssi.eval.scoring import format_summary, score_generations
+from ssi.eval.wer import WerInputError
+from ssi.files import atomic_output_dir
+from ssi.generate import GenerationError
+from ssi.generate.prompts import Prompt, build_prompts, dataset_name_from_source, resolve_data_config, resolve_split
+from ssi.generate.sampling import FINISH_LENGTH, FINISH_STOP, Completion, SamplingOptions
+from ssi.generate.torch_backend import generate_torch, load_torch_model
+from ssi.generate.vllm_backend import generate_vllm, start_vllm, stop_vllm
+from ssi.model.architecture import CheckpointError
+from ssi.model.checkpointer import SpeechCheckpointer
+from ssi.versions import package_versions
+from ssi.vocab.tiktoken import SpeechLlama3Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("vllm", "torch")
+EXIT_OUTPUT_EXISTS = 3  # read by snippets/generation_launcher.sh as "already generated"
+
+
+class OutputExistsError(GenerationError, FileExistsError):
+    """The output directory exists and overwrite=false: `main` exits with EXIT_OUTPUT_EXISTS, which
+    snippets/generation_launcher.sh reads as "already generated"."""
+
+
+def resolve_dtype(name: str, checkpointer: SpeechCheckpointer) -> torch.dtype:
+    """`auto` = the dtype the checkpoint's config.json declares (what it was trained and saved in)."""
+    if name == "auto":
+        return checkpointer.source_dtype
+    try:
+        return parse_dtype(name)
+    except DtypeError as err:
+        raise GenerationError(str(err)) from None
+
+
+def _run_vllm(
+    cfg: DictConfig,
+    checkpointer: SpeechCheckpointer,
+    prompts: list[list[int]],
+    stop_ids: list[int],
+    sampling: SamplingOptions,
+    max_model_len: int,
+) -> tuple[list[Completion], dict[str, Any], float]:
+    settings = to_container(cfg.vllm)
+    dtype = resolve_dtype(str(settings["dtype"]), checkpointer)
+    settings["resolved_dtype"] = short_name(dtype)
+    llm = start_vllm(
+        checkpointer.checkpoint_dir,
+        max_model_len=max_model_len,
+        dtype=dtype,
+        gpu_memory_utilization=settings["gpu_memory_utilization"],
+        enforce_eager=settings["enforce_eager"],
+        tensor_parallel_size=int(settings["tensor_parallel_size"]),
+        seed=sampling.seed,
+        engine_kwargs=settings["engine_kwargs"],
+    )
+    try:
+        t0 = time.perf_counter()
+        completions = generate_vllm(
+            llm, prompts, stop_ids=stop_ids, sampling=sampling, max_model_len=max_model_len, progress=bool(cfg.progress)
+        )
+        return completions, settings, time.perf_counter() - t0
+    finally:
+        stop_vllm(llm)
+        del llm
+        gc.collect()
+
+
+def _run_torch(
+    cfg: DictConfig,
+    checkpointer: SpeechCheckpointer,
+    prompts: list[list[int]],
+    stop_ids: list[int],
+    pad_id: int,
+    sampling: SamplingOptions,
+    max_model_len: int,
+) -> tuple[list[Completion], dict[str, Any], float]:
+    settings = to_container(cfg.torch)
+    try:
+        device = devices.resolve_device(str(settings["device"]))
+    except ValueError as err:
+        raise GenerationError(f"torch.device: {err}") from None
+    dtype = resolve_dtype(str(settings["dtype"]), checkpointer)
+    settings |= {"resolved_device": str(device), "resolved_dtype": short_name(dtype)}
+    model = load_torch_model(checkpointer, max_model_len, device, dtype)
+    t0 = time.perf_counter()
+    completions = generate_torch(
+        model,
+        prompts,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        sampling=sampling,
+        max_model_len=max_model_len,
+        batch_size=int(settings["batch_size"]),
+        device=device,
+        dtype=dtype,
+        progress=bool(cfg.progress),
+    )
+    return completions, settings, time.perf_counter() - t0
+
+
+def _jsonl(prompts: Sequence[Prompt], completions: Sequence[Completion], tokenizer: SpeechLlama3Tokenizer) -> str:
+    """generations.jsonl: one object per prompt, fields as docs/run_directory.md lists them."""
+    lines = []
+    for prompt, done in zip(prompts, completions, strict=True):
+        row = {
+            "id": prompt.id,
+            "reference": prompt.reference,
+            "text": tokenizer.decode(done.token_ids, skip_special_tokens=True).strip(),
+            "finish_reason": done.finish_reason,
+            "stop_token_id": done.stop_token_id,
+            "n_prompt_tokens": len(prompt.token_ids),
+            "n_output_tokens": len(done.token_ids),
+            "prompt_token_ids": prompt.token_ids,
+            "output_token_ids": done.token_ids,
+        }
+        lines.append(json.dumps(row, ensure_ascii=False))
+    return "\n".join(lines) + "\n"
+
+
+def run_generation(cfg: DictConfig) -> dict[str, Any]:
+    """Generate one split with one checkpoint, write the outputs atomically and (unless `score=false`)
+    score them. Returns the contents of generation_config.yaml, plus `wer` when scored."""
+    try:
+        model_dir = Path(required(cfg, "model", " (a checkpoint or speech-extended model directory)"))
+    except MissingSettingError as err:
+        raise GenerationError(str(err)) from None
+    if not model_dir.is_dir():
+        raise GenerationError(f"model={model_dir} is not a directory (give a checkpoint or extended model dir)")
+    backend = str(cfg.backend)
+    if backend not in BACKENDS:
+        raise GenerationError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    progress = bool(cfg.progress)
+    sampling = SamplingOptions.from_config(to_container(cfg.sampling_params))
+    try:
+        checkpointer = SpeechCheckpointer(model_dir, progress=progress)
+    except CheckpointError as err:
+        raise GenerationError(str(err)) from None
+    location = run_dir.locate_checkpoint(model_dir)
+    data, data_source = resolve_data_config(cfg, location, model_dir)
+    section, split_name = resolve_split(data, str(cfg.gen.split))
+    dataset_name = str(cfg.gen.dataset_name or dataset_name_from_source(str(data[section].dataset.source)))
+    if cfg.gen.output_dir is not None:
+        out_dir = Path(cfg.gen.output_dir)
+    elif location.run_dir is not None:
+        out_dir = run_dir.generations_dir(location.run_dir, location.epoch, location.step, dataset_name, split_name)
+    else:  # resolve_data_config let it through because data= was given
+        raise GenerationError(
+            f"{model_dir} is not a checkpoint inside a run directory: give gen.output_dir=<dir> for its generations"
+        )
+    overwrite = bool(cfg.overwrite)
+    if out_dir.exists() and not overwrite:  # before any work: generating first and failing then wastes hours
+        raise OutputExistsError(f"{out_dir} already exists; pass overwrite=true to replace it")
+
+    tokenizer = load_tokenizer(model_dir, checkpointer.vocab)
+    prompts = build_prompts(data, section, split_name, tokenizer, progress)
+    longest = max(len(p.token_ids) for p in prompts)
+    position_limit = checkpointer.architecture.max_position_embeddings
+    max_model_len = int(cfg.gen.max_model_len or min(position_limit, longest + sampling.max_tokens))
+    if longest >= max_model_len:
+        worst = max(prompts, key=lambda p: len(p.token_ids))
+        raise GenerationError(
+            f"sample {worst.id!r}: the prompt has {longest} tokens, no room left under max_model_len={max_model_len} "
+            f"(the model's max_position_embeddings is {position_limit})"
+        )
+    stop_ids = list(tokenizer.stop_tokens)
+    token_lists = [p.token_ids for p in prompts]
+    log.info(
+        "%s: %d prompts from %s[%s] (%s section), %d-%d tokens; writing %s",
+        backend,
+        len(prompts),
+        data[section].dataset.source,
+        split_name,
+        section,
+        min(len(t) for t in token_lists),
+        longest,
+        out_dir,
+    )
+    if backend == "vllm":
+        completions, backend_settings, elapsed = _run_vllm(
+            cfg, checkpointer, token_lists, stop_ids, sampling, max_model_len
+        )
+    else:
+        completions, backend_settings, elapsed = _run_torch(
+            cfg, checkpointer, token_lists, stop_ids, tokenizer.pad_id, sampling, max_model_len
+        )
+    n_tokens = sum(len(c.token_ids) for c in completions)
+    record: dict[str, Any] = {
+        "model": str(model_dir.resolve()),
+        "run_dir": str(location.run_dir) if location.run_dir else None,
+        "epoch": location.epoch,
+        "global_step": location.step,
+        "backend": backend,
+        "backend_settings": backend_settings,
+        "sampling_params": asdict(sampling),
+        "stop_token_ids": stop_ids,
+        "max_model_len": max_model_len,
+        "scoring": {"enabled": bool(cfg.score), **to_container(cfg.wer)},
+        "dataset_name": dataset_name,
+        "split": split_name,
+        "data_section": section,
+        "data_source": data_source,
+        "data": to_container(data),
+        "output_dir": str(out_dir.resolve()),
+        "n_prompts": len(prompts),
+        "n_generated_tokens": n_tokens,
+        "finish_reasons": {r: sum(c.finish_reason == r for c in completions) for r in (FINISH_STOP, FINISH_LENGTH)},
+        "generation_seconds": round(elapsed, 3),
+        "prompts_per_second": round(len(prompts) / elapsed, 3),
+        "generated_tokens_per_second": round(n_tokens / elapsed, 3),
+        "versions": package_versions(),
+        "command": sys.argv,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        (tmp / run_dir.GENERATIONS_FILE).write_text(_jsonl(prompts, completions, tokenizer), encoding="utf-8")
+        (tmp / run_dir.GENERATION_CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(record)), encoding="utf-8")
+    print(
+        f"{backend}: {len(prompts)} prompts, {n_tokens} generated tokens in {elapsed:.2f} s: "
+        f"{len(prompts) / elapsed:.2f} prompts/s, {n_tokens / elapsed:.1f} generated tokens/s "
+        f"({record['finish_reasons'][FINISH_LENGTH]} hit the length limit); wrote {out_dir / run_dir.GENERATIONS_FILE}"
+    )
+    if cfg.score:
+        summary = score_generations(
+            out_dir / run_dir.GENERATIONS_FILE,
+            dataset=dataset_name,
+            split=split_name,
+            normalizer=str(cfg.wer.normalizer),
+            per_utterance=bool(cfg.wer.per_utterance),
+            progress=progress,
+        )
+        print(format_summary(summary))
+        record["wer"] = summary["wer"]
+    return record
+
+
+def main(cfg: DictConfig) -> int:
+    """scripts/generate.py's body: configuration and input errors are one line on stderr and exit code 2
+    (3 when the output directory already exists)."""
+    setup_cli_logging()
+    try:
+        run_generation(cfg)
+    except OutputExistsError as err:
+        return report_error(err, EXIT_OUTPUT_EXISTS)
+    except (GenerationError, CheckpointError, DataValidationError, WerInputError, FileExistsError) as err:
+        return report_error(err)
+    return 0

@@ -1,0 +1,378 @@
+"""The checkpointer that reads and writes complete HF model directories for training.
+
+Training runs on torchtune's `TransformerDecoder`, but every checkpoint must stay a complete HF model
+directory (docs/run_directory.md) that transformers and vLLM load as is. `SpeechCheckpointer` follows
+torchtune's checkpointer interface (`load_checkpoint()` returns {"model": torchtune state dict, ...};
+`save_checkpoint(state_dict, epoch, step=...)`), converting weights with torchtune's `hf_to_tune` /
+`tune_to_hf` one tensor at a time, so saving needs no second copy of the model. Each save is written
+atomically to `<output_dir>/checkpoints/epoch_<E>/global_step_<S>/` with the tokenizer files, configs
+and the `ssi.json` manifest, plus a `training_state/` folder for exact resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from ssi import run_dir
+from ssi.dtypes import DtypeError, config_dtype, parse_dtype
+from ssi.files import atomic_output_dir, write_json
+from ssi.hf_dir import (
+    MANIFEST_NAME,
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+    ModelDirError,
+    dtype_name,
+    missing_files,
+    read_safetensors_header,
+    weight_files,
+    write_safetensors,
+)
+from ssi.model.architecture import CheckpointError, LlamaArchitecture, read_config
+from ssi.vocab.layout import SpeechVocab, VocabError
+
+log = logging.getLogger(__name__)
+
+MODEL_KEY = "model"  # torchtune.training.MODEL_KEY: the model weights inside a checkpoint dict
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes per safetensors file, as the hub's Llama checkpoints use
+# Weight formats that would be stale next to freshly written safetensors (e.g. original/consolidated.00.pth).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """A byte count given as an int or as text like `5GB`, `500MB`, `2GiB` (HF's max_shard_size spelling)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", str(size), flags=re.IGNORECASE)
+        if not match:
+            raise CheckpointError(f"max_shard_size {size!r} is not a size (examples: 5GB, 500MB, 2GiB, 1000000)")
+        value = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()])
+    if value <= 0:
+        raise CheckpointError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+# --- weights on disk ----------------------------------------------------------------------------------
+
+
+def _index_weights(model_dir: Path, arch: LlamaArchitecture) -> dict[str, Path]:
+    """HF tensor name -> safetensors file, for every tensor the model needs, checked against config.json
+    from the safetensors headers alone (no weight is read). Tied checkpoints that also store
+    lm_head.weight are accepted; the copy is ignored, as transformers does."""
+    try:
+        files = weight_files(model_dir)
+    except ModelDirError as err:
+        raise CheckpointError(str(err)) from None
+    expected = arch.hf_weight_shapes()
+    found: dict[str, Path] = {}
+    unexpected = []
+    for path in files:
+        try:
+            entries, _ = read_safetensors_header(path)
+        except ModelDirError as err:
+            raise CheckpointError(str(err)) from None
+        for entry in entries:
+            if entry.name.endswith("rotary_emb.inv_freq") or (
+                arch.tie_word_embeddings and entry.name == "lm_head.weight"
+            ):
+                continue
+            if entry.name not in expected:
+                unexpected.append(f"{entry.name} ({path.name})")
+                continue
+            if entry.name in found:
+                raise CheckpointError(
+                    f"{model_dir}: tensor {entry.name} is stored twice ({found[entry.name].name}, {path.name})"
+                )
+            if entry.shape != expected[entry.name]:
+                raise CheckpointError(
+                    f"{path}: {entry.name} has shape {list(entry.shape)}, but config.json implies "
+                    f"{list(expected[entry.name])}"
+                )
+            found[entry.name] = path
+    missing = [name for name in expected if name not in found]
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise CheckpointError(
+            f"{model_dir}: missing weights {shown} (expected by config.json: {arch.num_layers} layers, "
+            f"tie_word_embeddings={arch.tie_word_embeddings})"
+        )
+    if unexpected:
+        raise CheckpointError(f"{model_dir}: unexpected tensors for a Llama model: {', '.join(unexpected[:6])}")
+    return found
+
+
+def _side_files(model_dir: Path) -> dict[str, bytes]:
+    """The non-weight files a checkpoint carries over from its source (configs, tokenizer files,
+    manifest, licences): top-level files and original/, nothing nested deeper (no training_state/,
+    no runs kept inside a model dir), no stale weights. Read once into memory (a few MB), so a
+    source checkpoint may be pruned while training continues from it."""
+    files: dict[str, bytes] = {}
+    for folder in (model_dir, model_dir / "original"):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            rel = path.relative_to(model_dir).as_posix()
+            if (
+                not path.is_file()
+                or path.name.startswith(".")
+                or path.suffix in _WEIGHT_SUFFIXES
+                or rel == SAFETENSORS_INDEX
+            ):
+                continue
+            files[rel] = path.read_bytes()
+    return files
+
+
+def _shard_plan(sizes: list[int], max_shard_size: int) -> list[list[int]]:
+    """Consecutive groups of tensor indices, each at most `max_shard_size` bytes unless one tensor
+    alone is larger (such a tensor gets a shard of its own, as transformers does)."""
+    shards: list[list[int]] = [[]]
+    current = 0
+    for i, size in enumerate(sizes):
+        if shards[-1] and current + size > max_shard_size:
+            shards.append([])
+            current = 0
+        shards[-1].append(i)
+        current += size
+    return shards
+
+
+def _tensor_writer(
+    names: list[str], tensors: list[torch.Tensor], arch: LlamaArchitecture, dtype: torch.dtype, bar: tqdm
+) -> Callable[[int, BinaryIO], None]:
+    """Write tensor i in HF layout and `dtype`; conversion happens here, one tensor at a time."""
+
+    def write(i: int, f: BinaryIO) -> None:
+        hf = next(iter(arch.tune_to_hf({names[i]: tensors[i].detach()}).values()))
+        out = hf.to(device="cpu", dtype=dtype).contiguous()
+        f.write(memoryview(out.view(-1).view(torch.uint8).numpy()))
+        bar.update(out.nbytes)
+
+    return write
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under `root` to stable storage, so that once the directory is
+    renamed into place a power loss or node crash cannot leave it with truncated contents."""
+    for path in [*sorted(root.rglob("*"), reverse=True), root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --- the checkpointer -----------------------------------------------------------------------------------
+
+
+class SpeechCheckpointer:
+    """torchtune-style checkpointer for speech-extended HF Llama directories.
+
+    `checkpoint_dir` is the model to start from: an extended base model (scripts/extend_llama3_2.py)
+    or a checkpoint of an earlier run. It must be complete (config.json, generation_config.json,
+    tokenizer files, original/tokenizer.model, ssi.json, weights) and its manifest must agree with
+    config.json. Checkpoints are written under `<output_dir>/checkpoints/`. `dtype` selects the
+    dtype of saved weights (default: the one config.json declares, i.e. the source's);
+    `max_shard_size` splits larger checkpoints into indexed shards. With `should_load_recipe_state`,
+    `load_checkpoint` also returns the checkpoint's training state (torchtune's flag name).
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        output_dir: str | Path | None = None,
+        *,
+        dtype: str | torch.dtype | None = None,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        should_load_recipe_state: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.config = read_config(self.checkpoint_dir)
+        self.architecture = LlamaArchitecture.from_config(self.config, source=str(self.checkpoint_dir / "config.json"))
+        missing = missing_files(self.checkpoint_dir)
+        if missing:
+            hint = (
+                " (not a speech-extended model: create one with scripts/extend_llama3_2.py)"
+                if MANIFEST_NAME in missing
+                else ""
+            )
+            raise CheckpointError(f"{self.checkpoint_dir} is incomplete: missing {', '.join(missing)}{hint}")
+        try:
+            self.vocab = SpeechVocab.load(self.checkpoint_dir)
+        except VocabError as err:
+            raise CheckpointError(str(err)) from None
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        if self.output_dir is not None:
+            src, out = self.checkpoint_dir.resolve(), self.output_dir.resolve()
+            if out == src or src in out.parents:
+                raise CheckpointError(
+                    f"output_dir {self.output_dir} is inside the model directory {self.checkpoint_dir}; "
+                    "write runs elsewhere so the model directory stays a clean HF checkpoint"
+                )
+        try:
+            self.source_dtype = config_dtype(self.config, str(self.checkpoint_dir / "config.json"))
+            self.save_dtype = parse_dtype(dtype, "checkpointer.save_dtype") if dtype is not None else self.source_dtype
+        except DtypeError as err:
+            raise CheckpointError(str(err)) from None
+        self.max_shard_size = parse_size(max_shard_size)
+        self.should_load_recipe_state = should_load_recipe_state
+        self.progress = progress
+        self._weights = _index_weights(self.checkpoint_dir, self.architecture)
+        self._tune_to_hf = self.architecture.tune_to_hf_names()
+        self._side_files = _side_files(self.checkpoint_dir)
+
+    # --- load ------------------------------------------------------------------------------------------
+    def load_checkpoint(self) -> dict[str, Any]:
+        """{"model": torchtune state dict in the file dtype} (+ the training state when
+        `should_load_recipe_state`). Tensors are read and converted one at a time; most are
+        copy-on-write memory maps of the files (no second copy of the model), so copy them into the
+        model (`load_state_dict`, not `assign=True`) and drop the dict, which releases the files."""
+        t0 = time.perf_counter()
+        arch = self.architecture
+        by_file: dict[Path, list[str]] = {}
+        for name, path in self._weights.items():
+            by_file.setdefault(path, []).append(name)
+        total = sum(path.stat().st_size for path in by_file)
+        state: dict[str, torch.Tensor] = {}
+        with tqdm(total=total, unit="B", unit_scale=True, desc="loading checkpoint", disable=not self.progress) as bar:
+            for path, names in by_file.items():
+                with safe_open(path, framework="pt") as f:
+                    for name in names:
+                        state |= arch.hf_to_tune({name: f.get_tensor(name)})
+                bar.update(path.stat().st_size)
+        log.info(
+            "loaded %s: %d tensors, %.2f GB in %.1fs (vocab %d, %d DSUs)",
+            self.checkpoint_dir,
+            len(state),
+            sum(t.nbytes for t in state.values()) / 1e9,
+            time.perf_counter() - t0,
+            arch.vocab_size,
+            self.vocab.n_dsus,
+        )
+        result: dict[str, Any] = {MODEL_KEY: state}
+        if self.should_load_recipe_state:
+            result |= run_dir.load_training_state(self.checkpoint_dir)
+        return result
+
+    # --- save ------------------------------------------------------------------------------------------
+    def checkpoint_path(self, epoch: int, step: int) -> Path:
+        """`<output_dir>/checkpoints/epoch_<E>/global_step_<S>` (docs/run_directory.md)."""
+        if self.output_dir is None:
+            raise CheckpointError("this checkpointer has no output_dir: it can load but not save")
+        if epoch < 0 or step < 0:
+            raise CheckpointError(f"epoch and step must be >= 0, got epoch={epoch}, step={step}")
+        return run_dir.checkpoint_dir(self.output_dir, epoch, step)
+
+    def save_checkpoint(
+        self,
+        state_dict: dict[str, Any],
+        epoch: int,
+        *,
+        step: int,
+        training_state_writer: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """Write a complete HF directory for `state_dict["model"]` (torchtune names, full tensors on
+        any device) and return its path. Every other key of `state_dict` (optimizer, lr scheduler,
+        RNG states, step counters...) goes to `training_state/training_state.pt`;
+        `training_state_writer(dir)` may add files of its own (e.g. per-rank data-loader state) to
+        that folder. Everything appears at once or not at all (files are flushed to disk before the
+        directory is renamed into place); an existing checkpoint is never overwritten. The caller's
+        dict is not modified.
+
+        Distributed runs call this on one rank with gathered full tensors (e.g. torchtune's
+        `gather_cpu_state_dict`, `get_full_optimizer_state_dict`); a full optimizer state also lets
+        a run resume on a different number of ranks."""
+        final = self.checkpoint_path(epoch, step)
+        if MODEL_KEY not in state_dict:
+            raise CheckpointError(f"save_checkpoint: state_dict has no {MODEL_KEY!r} entry (keys: {list(state_dict)})")
+        if final.exists():
+            raise CheckpointError(f"{final} already exists; checkpoints are never overwritten")
+        names, tensors = self._ordered_model_tensors(state_dict[MODEL_KEY])
+        extra = {k: v for k, v in state_dict.items() if k != MODEL_KEY}
+        t0 = time.perf_counter()
+        with atomic_output_dir(final) as tmp:
+            self._write_side_files(tmp)
+            nbytes, n_shards = self._write_weights(tmp, names, tensors)
+            if extra or training_state_writer is not None:
+                state_dir = run_dir.training_state_dir(tmp)
+                state_dir.mkdir()
+                if extra:
+                    torch.save(extra, state_dir / run_dir.TRAINING_STATE_FILE)
+                if training_state_writer is not None:
+                    training_state_writer(state_dir)
+            _fsync_tree(tmp)
+        log.info(
+            "saved %s: %.2f GB of %s weights in %d file(s)%s in %.1fs",
+            final,
+            nbytes / 1e9,
+            dtype_name(self.save_dtype),
+            n_shards,
+            " + training state" if extra or training_state_writer else "",
+            time.perf_counter() - t0,
+        )
+        return final
+
+    def _ordered_model_tensors(self, model_state: dict[str, Any]) -> tuple[list[str], list[torch.Tensor]]:
+        """torchtune names and tensors in HF file order, after checking names and shapes."""
+        to_hf = self._tune_to_hf
+        missing = [k for k in to_hf if k not in model_state]
+        unexpected = [k for k in model_state if k not in to_hf]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"save_checkpoint: model state does not match {self.checkpoint_dir / 'config.json'}: "
+                f"missing {missing[:6]}, unexpected {unexpected[:6]}"
+            )
+        shapes = self.architecture.hf_weight_shapes()
+        for name, hf_name in to_hf.items():
+            tensor = model_state[name]
+            if not isinstance(tensor, torch.Tensor) or hasattr(tensor, "full_tensor"):
+                raise CheckpointError(
+                    f"save_checkpoint: {name} is a {type(tensor).__name__}; pass full tensors "
+                    "(gather FSDP-sharded weights first, e.g. torchtune.training.gather_cpu_state_dict)"
+                )
+            if tuple(tensor.shape) != shapes[hf_name]:
+                raise CheckpointError(
+                    f"save_checkpoint: {name} has shape {list(tensor.shape)}, expected {list(shapes[hf_name])}"
+                )
+        return list(to_hf), [model_state[name] for name in to_hf]
+
+    def _write_side_files(self, out: Path) -> None:
+        for rel, data in self._side_files.items():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(data)
+        if self.save_dtype != self.source_dtype:
+            config = dict(self.config)
+            dtype_keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+            for key in dtype_keys:
+                config[key] = str(self.save_dtype).removeprefix("torch.")
+            write_json(out / "config.json", config)
+
+    def _write_weights(self, out: Path, names: list[str], tensors: list[torch.Tensor]) -> tuple[int, int]:
+        arch, dtype = self.architecture, self.save_dtype
+        hf_names = [self._tune_to_hf[n] for n in names]
+        sizes = [t.numel() * dtype.itemsize for t in tensors]
+        shards = _shard_plan(sizes, self.max_shard_size)
+        total = sum(sizes)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="saving checkpoint", disable=not self.progress) as bar:
+            writer = _tensor_writer(names, tensors, arch, dtype, bar)
+            weight_map = {}
+            for k, group in enumerate(shards, start=1):
+                filename = SAFETENSORS_SINGLE if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                layout = [(hf_names[i], dtype_name(dtype), tuple(tensors[i].shape)) for i in group]
+                write_safetensors(out / filename, layout, lambda j, f, group=group: writer(group[j], f))
+                weight_map |= {hf_names[i]: filename for i in group}
+        if len(shards) > 1:
+            write_json(out / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        return total, len(shards)

@@ -1,0 +1,678 @@
+"""The training recipe shared by CPT and SFT (recipes/cpt.py, recipes/sft.py).
+
+One idea: the training loop of a speech-extended Llama, as one self-contained class in torchtune's recipe
+shape (`setup / train / save_checkpoint / cleanup`); it is longer than most modules because the loop and
+its set-up belong together. What it adds for speech research:
+
+- The model is built from the extended directory's config.json and loaded through
+  `SpeechCheckpointer`, so every checkpoint is a complete HF directory plus `training_state/`.
+- Loss normalisation is exact: each micro-batch contributes its summed token loss, and gradients are
+  divided once per optimizer step by the number of label tokens of the whole accumulation window
+  across all ranks (counted on the shifted labels the loss uses). A window without label tokens is
+  skipped with a warning.
+- Resume is exact (`ssi.train.state`): samples come from `GlobalBatchSampler` (a function of seed,
+  epoch and step only), optimizer state is saved in full (world-size independent), and a run continues
+  on any number of ranks with bit-identical losses on CPU fp32.
+- GPUs (docs/training.md): bf16 compute with fp32 master weights by default, FSDP2 across ranks,
+  batches built on the host and copied without blocking, MFU in the logs.
+- SIGTERM/SIGUSR1 (Slurm's pre-timeout signal) end the run at the next step boundary with a checkpoint
+  and exit code `EXIT_PREEMPTED`, so an sbatch script can requeue itself (snippets/).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.utils.data import DataLoader
+from torchtune import modules, training
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+from torchtune.modules.loss import CEWithChunkedOutputLoss
+from tqdm import tqdm
+
+from ssi import devices, loggers, report_error, run_dir, setup_cli_logging
+from ssi.config import MissingSettingError, check_complete, model_dir_setting, to_container
+from ssi.data import DataValidationError
+from ssi.data.collate import block_causal_mask
+from ssi.data.config import build_dataset
+from ssi.data.loaders import build_dataloader, set_loader_epoch, text_dataloader
+from ssi.data.sources import SourceSpec
+from ssi.data.text import TextDataset
+from ssi.dtypes import DtypeError, parse_dtype, short_name
+from ssi.files import atomic_write_text
+from ssi.model.architecture import CheckpointError
+from ssi.model.builder import build_model
+from ssi.model.checkpointer import MODEL_KEY, SpeechCheckpointer
+from ssi.train import distributed, state
+from ssi.train.loss import LinearCrossEntropyLoss
+from ssi.train.sampler import GlobalBatchSampler
+from ssi.train.throughput import Throughput
+from ssi.vocab.tiktoken import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 99  # the run stopped on a signal after saving; requeue and resume from `latest`
+
+
+class RecipeError(ValueError):
+    """A configuration the recipe refuses before training starts."""
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the logits that predict them: position t is scored on token t+1."""
+    return F.pad(labels[:, 1:], (0, 1), value=CROSS_ENTROPY_IGNORE_IDX)
+
+
+class SpeechTrainingRecipe:
+    """Continued pre-training (`kind="cpt"`) or supervised fine-tuning (`kind="sft"`) of a speech-extended Llama."""
+
+    def __init__(self, cfg: DictConfig, kind: str) -> None:
+        self.cfg = cfg
+        self.kind = kind
+        try:
+            model_dir_setting(cfg)
+            check_complete(cfg)
+        except MissingSettingError as err:
+            raise RecipeError(str(err)) from None
+        if cfg.data.kind != kind:
+            raise RecipeError(f"the {kind} recipe needs data={kind}/<preset>, got a {cfg.data.kind} preset")
+        self.output_dir = Path(cfg.output_dir)
+        self.grad_accum = int(cfg.gradient_accumulation_steps)
+        self.max_steps = int(cfg.max_steps)
+        if self.max_steps < 1 or self.grad_accum < 1:
+            raise RecipeError("max_steps and gradient_accumulation_steps must be >= 1")
+        self.device = torch.device("cpu")
+        self.env = distributed.DistEnv()
+        self.global_step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.consumed_samples = 0
+        self.totals = {"tokens": 0, "label_tokens": 0, "train_seconds": 0.0, "skipped_steps": 0}
+        self._stop_signal = 0
+        self._last_saved_step = -1
+        self.metric_loggers: list[Any] = []
+
+    # --- setup -----------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.env = distributed.env_from_launcher()
+        try:
+            self.device = devices.resolve_device(cfg.device, self.env.local_rank)
+            self.dtype = parse_dtype(cfg.dtype, "dtype")  # what the forward and backward compute in
+        except (ValueError, DtypeError) as err:
+            raise RecipeError(str(err)) from None
+        if self.dtype == torch.bfloat16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise RecipeError(f"dtype=bf16: {torch.cuda.get_device_name(self.device)} has no bf16 support; use fp32")
+        self.env = distributed.init_distributed(self.device, float(cfg.dist_timeout_s))
+        # Parameters, gradients and AdamW states: fp32 master copies unless pure low precision was asked for
+        # (bf16 parameters lose every update smaller than their spacing, e.g. all RMSNorm updates at lr 5e-5).
+        self.param_dtype = torch.float32 if cfg.mixed_precision else self.dtype
+        self.autocast = self.param_dtype != self.dtype and not self.env.is_distributed  # FSDP casts itself
+        training.set_seed(int(cfg.seed))
+        self.global_batch_size = int(cfg.data.train.dataloader.batch_size) * self.grad_accum * self.env.world_size
+
+        resume_from = self._resolve_resume()
+        source_dir = resume_from or Path(cfg.model)
+        if not source_dir.is_dir():
+            raise RecipeError(f"model={source_dir} is not a directory{_size_preset_hint(str(cfg.model))}")
+        try:
+            self.checkpointer = SpeechCheckpointer(
+                source_dir,
+                self.output_dir,
+                dtype=cfg.checkpointer.save_dtype,
+                max_shard_size=cfg.checkpointer.max_shard_size,
+                progress=bool(cfg.progress) and self.env.is_main,
+            )
+        except CheckpointError as err:
+            raise RecipeError(str(err)) from None
+        self.vocab = self.checkpointer.vocab
+        self.tokenizer = load_tokenizer(source_dir, self.vocab)
+        if self.env.is_main:
+            try:
+                loggers.check_available(cfg.metric_logger)
+            except loggers.LoggerUnavailableError as err:
+                raise RecipeError(str(err)) from None
+        self._setup_data()
+        master = state.load_master_weights(resume_from) if resume_from is not None else None
+        if master is not None:
+            log.info("resuming from the %s master weights of %s", short_name(self.param_dtype), resume_from)
+        weights = master if master is not None else self.checkpointer.load_checkpoint()[MODEL_KEY]
+        self.model = self._setup_model(weights)
+        self.optimizer = self._setup_optimizer()
+        self.lr_scheduler = training.get_cosine_schedule_with_warmup(
+            self.optimizer,
+            num_warmup_steps=int(cfg.lr_scheduler.num_warmup_steps),
+            num_training_steps=self.max_steps,
+            num_cycles=float(cfg.lr_scheduler.num_cycles),
+        )
+        self._setup_loss()
+        if cfg.compile:
+            training.compile_model(self.model, verbose=self.env.is_main)
+            if isinstance(self.loss_fn, LinearCrossEntropyLoss):
+                self.loss_fn.compile_chunks()
+            else:
+                self.loss_fn = training.compile_loss(self.loss_fn, verbose=self.env.is_main)
+        self.throughput = Throughput.for_model(self.checkpointer.architecture, self.device, cfg.peak_tflops)
+        if resume_from is not None:
+            self._load_training_state(resume_from)
+        if self.env.is_main:
+            self._write_run_config()
+            self.metric_loggers = loggers.build_loggers(cfg.metric_logger, self.output_dir)
+            for logger in self.metric_loggers:
+                logger.log_config(cfg)
+        self._install_signal_handlers()
+
+    def _resolve_resume(self) -> Path | None:
+        spec = self.cfg.resume_from_checkpoint
+        try:
+            if spec is None:
+                if run_dir.list_checkpoints(self.output_dir):
+                    raise RecipeError(
+                        f"{self.output_dir} already has checkpoints: pass resume_from_checkpoint=latest to continue "
+                        "that run, or choose a new output_dir"
+                    )
+                return None
+            return run_dir.resolve_checkpoint(self.output_dir, spec)
+        except run_dir.RunDirError as err:
+            raise RecipeError(str(err)) from None
+
+    def _setup_data(self) -> None:
+        cfg, env = self.cfg, self.env
+        try:
+            self.train_split = build_dataset(cfg.data, "train", self.tokenizer)
+            self.dev_split = build_dataset(cfg.data, "dev", self.tokenizer) if cfg.data.get("dev") else None
+        except DataValidationError as err:
+            raise RecipeError(f"data: {err}") from None
+        loader_cfg = cfg.data.train.dataloader
+        self.packed = bool(cfg.data.packing.enabled)
+        ranks = {"rank": env.rank, "world_size": env.world_size, "pin_memory": self.device.type == "cuda"}
+        self.sampler = None
+        if not self.packed:  # padded batches follow the resumable, world-size independent order
+            self.sampler = GlobalBatchSampler(
+                len(self.train_split.dataset),
+                int(loader_cfg.batch_size),
+                self.grad_accum,
+                rank=env.rank,
+                world_size=env.world_size,
+                shuffle=bool(loader_cfg.get("shuffle", True)),
+                seed=int(cfg.seed),
+            )
+        self.train_loader = build_dataloader(
+            cfg.data, "train", self.train_split, self.tokenizer, batch_sampler=self.sampler, **ranks
+        )
+        self.dev_loader = (
+            build_dataloader(cfg.data, "dev", self.dev_split, self.tokenizer, **ranks) if self.dev_split else None
+        )
+        self.text_dev_loader = self._text_dev_loader(ranks)
+        if env.is_main:
+            log.info(
+                "data: %d train samples%s, global batch %d (%d x %d accumulation x %d ranks)%s",
+                len(self.train_split.dataset),
+                f", {len(self.dev_split.dataset)} dev samples" if self.dev_split else "",
+                self.global_batch_size,
+                int(loader_cfg.batch_size),
+                self.grad_accum,
+                env.world_size,
+                ", packed" if self.packed else "",
+            )
+
+    def _text_dev_loader(self, ranks: dict[str, Any]) -> DataLoader | None:
+        """Plain-text dev set (`text_dev.source`) to watch forgetting of the base model's text ability."""
+        text_cfg = self.cfg.text_dev
+        if text_cfg.source is None:
+            return None
+        spec = SourceSpec(str(text_cfg.source), str(text_cfg.split), text_cfg.n_samples)
+        try:
+            dataset = TextDataset(spec, str(text_cfg.column), self.tokenizer, int(text_cfg.max_seq_len))
+        except DataValidationError as err:
+            raise RecipeError(str(err)) from None
+        return text_dataloader(dataset, self.tokenizer, int(text_cfg.batch_size), **ranks)
+
+    def _setup_model(self, state_dict: dict[str, torch.Tensor]) -> modules.TransformerDecoder:
+        cfg = self.cfg
+        max_seq_len = cfg.data.sequence.max_seq_len
+        build_on = torch.device("meta") if self.env.is_distributed else self.device
+        with training.set_default_dtype(self.param_dtype), build_on:
+            model = build_model(self.checkpointer.architecture, max_seq_len)
+        if cfg.enable_activation_checkpointing:
+            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+        if self.env.is_distributed:
+            distributed.shard_model(
+                model,
+                modules.TransformerSelfAttentionLayer,
+                compute_dtype=self.dtype if self.param_dtype != self.dtype else None,
+            )
+            training.load_from_full_model_state_dict(model, state_dict, self.device, strict=True)
+            with self.device:
+                for module in model.modules():
+                    if hasattr(module, "rope_init"):
+                        module.rope_init()
+        else:
+            model.load_state_dict(state_dict, strict=True)
+        training.validate_expected_param_dtype(model.named_parameters(), dtype=self.param_dtype)
+        self._set_trainable(model)
+        return model
+
+    def _set_trainable(self, model: modules.TransformerDecoder) -> None:
+        """`full`: every parameter. `new_embeddings`: only the embedding (and untied output) rows added by
+        extension. Before each optimizer step the base rows' gradients are zeroed (`_row_masks`); with no
+        weight decay on them Adam leaves them bit-identical. The mask is applied to the gradient the
+        optimizer sees, not through a hook: under FSDP2 a hook on the sharded parameter never runs (the
+        gradient is computed for the unsharded one, then reduce-scattered)."""
+        self._row_masks: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        mode = self.cfg.trainable
+        if mode == "full":
+            return
+        if mode != "new_embeddings":
+            raise RecipeError(f"trainable must be 'full' or 'new_embeddings', got {mode!r}")
+        matrices = [model.tok_embeddings.weight]
+        if isinstance(getattr(model, "output", None), torch.nn.Module):
+            matrices.append(model.output.weight)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        first_new = self.vocab.base_vocab_size
+        for param in matrices:
+            param.requires_grad_(True)
+            mask = torch.zeros(param.shape[0], 1, dtype=param.dtype, device=self.device)
+            mask[first_new:] = 1
+            if hasattr(param, "device_mesh"):  # FSDP2 DTensor: shard the row mask like the parameter's rows
+                from torch.distributed.tensor import distribute_tensor
+
+                mask = distribute_tensor(mask, param.device_mesh, param.placements)
+            self._row_masks.append((param, mask))
+
+    def _setup_loss(self) -> None:
+        """`chunked`: torchtune's chunked cross-entropy over the model's logits. `linear`: the model stops
+        at its final norm and the loss projects labelled positions chunk by chunk (`ssi.train.loss`)."""
+        kind, chunks = self.cfg.loss.type, int(self.cfg.loss.num_output_chunks)
+        if kind == "chunked":
+            self.loss_fn = CEWithChunkedOutputLoss(num_output_chunks=chunks)
+            self.model.set_num_output_chunks(chunks)
+        elif kind == "linear":
+            if self.env.is_distributed:
+                raise RecipeError(
+                    "loss.type=linear reads the output weight outside the model's forward, which FSDP keeps "
+                    "sharded there: use loss.type=chunked with several ranks"
+                )
+            self.loss_fn = LinearCrossEntropyLoss(num_chunks=chunks, ignore_index=CROSS_ENTROPY_IGNORE_IDX)
+            norm = self.model.norm
+            # an instance attribute shadows TransformerDecoder.unembed: forward now ends at the final norm
+            self.model.unembed = lambda hidden: norm(hidden)
+        else:
+            raise RecipeError(f"loss.type must be 'chunked' or 'linear', got {kind!r}")
+
+    def _output_weight(self) -> torch.Tensor:
+        head = self.model.output
+        return head.weight if isinstance(head, torch.nn.Module) else self.model.tok_embeddings.weight
+
+    def _setup_optimizer(self) -> torch.optim.Optimizer:
+        opt = self.cfg.optimizer
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        fused = self.device.type == "cuda" if opt.fused == "auto" else bool(opt.fused)
+        weight_decay = 0.0 if self.cfg.trainable == "new_embeddings" else float(opt.weight_decay)
+        return torch.optim.AdamW(
+            params,
+            lr=float(opt.lr),
+            betas=tuple(opt.betas),
+            eps=float(opt.eps),
+            weight_decay=weight_decay,
+            fused=fused,
+        )
+
+    def _write_run_config(self) -> None:
+        resolved = to_container(self.cfg)
+        resolved["global_batch_size"] = self.global_batch_size
+        resolved["world_size"] = self.env.world_size
+        yaml = OmegaConf.to_yaml(OmegaConf.create(resolved))
+        atomic_write_text(self.output_dir / run_dir.CONFIG_FILE, yaml, overwrite=True)
+
+    # --- resume ----------------------------------------------------------------------------------------
+    def _load_training_state(self, ckpt_dir: Path) -> None:
+        saved = run_dir.load_training_state(ckpt_dir, weights_only=False)
+        try:
+            state.check_resumable(
+                saved, state.fingerprint(self.cfg, self.global_batch_size), ckpt_dir, bool(self.cfg.force_resume)
+            )
+        except state.ResumeError as err:
+            raise RecipeError(str(err)) from None
+        set_optimizer_state_dict(
+            self.model,
+            self.optimizer,
+            saved["optimizer"],
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False),
+        )
+        self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        self.global_step = saved["global_step"]
+        self.epoch = saved["epoch"]
+        self.step_in_epoch = saved["step_in_epoch"]
+        self.consumed_samples = saved["consumed_samples"]
+        self.totals = saved["totals"]
+        state.restore_rng(saved["rng"])
+        self._last_saved_step = self.global_step
+        if self.env.is_main:
+            where = f"step {self.global_step} (epoch {self.epoch}, step {self.step_in_epoch} of it)"
+            log.info("resumed %s at %s", ckpt_dir, where)
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """Write `checkpoints/epoch_E/global_step_S/` (HF weights + training_state) from rank 0."""
+        if self._last_saved_step == self.global_step:
+            return None
+        if self.env.is_distributed:
+            model_state = training.gather_cpu_state_dict(self.model, self.env.is_main, device=self.device)
+        else:
+            model_state = {k: v.detach() for k, v in self.model.state_dict().items()}
+        optimizer_state = get_optimizer_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        path = None
+        if self.env.is_main:
+            checkpoint = {
+                MODEL_KEY: model_state,
+                "version": state.STATE_VERSION,
+                "optimizer": optimizer_state,
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "global_step": self.global_step,
+                "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "consumed_samples": self.consumed_samples,
+                "totals": dict(self.totals),
+                "fingerprint": state.fingerprint(self.cfg, self.global_batch_size),
+                "world_size": self.env.world_size,
+                "rng": state.rng_state(),
+            }
+            writer = state.master_weights_writer(model_state, self.param_dtype, self.checkpointer.save_dtype)
+            path = self.checkpointer.save_checkpoint(
+                checkpoint, self.epoch, step=self.global_step, training_state_writer=writer
+            )
+            keep = self.cfg.checkpointer.keep_last_n
+            if keep:
+                run_dir.prune_checkpoints(self.output_dir, int(keep))
+        distributed.barrier(self.env)
+        self._last_saved_step = self.global_step
+        return path
+
+    # --- training --------------------------------------------------------------------------------------
+    def _micro_batches(self) -> Iterator[dict[str, Any]]:
+        """This rank's micro-batches for the rest of the current epoch."""
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+            self.train_split.dataset.set_epoch(self.epoch)
+            yield from self.train_loader
+            return
+        set_loader_epoch(self.train_loader, self.epoch)
+        batches = iter(self.train_loader)
+        for _ in range(self.step_in_epoch * self.grad_accum):  # packed: replay to the resume point
+            next(batches, None)
+        # Ranks may hold different numbers of packs: the epoch ends for all when the first runs out.
+        while True:
+            batch = next(batches, None)
+            if not self._all_ranks(batch is not None, "min"):
+                return
+            yield batch
+
+    def _all_ranks(self, flag: bool, op: str) -> bool:
+        """`flag` combined over ranks: `min` (every rank) or `max` (any rank)."""
+        if not self.env.is_distributed:
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+        return bool(distributed.all_reduce(value, self.env, op).item())
+
+    def _model_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Tokens and keyword inputs on the training device; a packed batch's document mask is built here,
+        on the device, in the training process (never in a DataLoader worker)."""
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        kwargs: dict[str, Any] = {}
+        if "input_pos" in batch:
+            kwargs["input_pos"] = batch["input_pos"].to(self.device, non_blocking=True)
+        if "seq_lens" in batch:
+            kwargs["mask"] = block_causal_mask(batch["seq_lens"], self.device)
+        return tokens, kwargs
+
+    def _forward_sum(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """Summed token loss of one micro-batch and its number of label tokens (counted on the host copy
+        of the labels: no device synchronisation)."""
+        labels = shift_labels(batch["labels"])
+        n_tokens = int((labels != CROSS_ENTROPY_IGNORE_IDX).sum())
+        labels = labels.to(self.device, non_blocking=True)
+        tokens, kwargs = self._model_inputs(batch)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
+            outputs = self.model(tokens, **kwargs)
+            if n_tokens == 0:  # a zero that keeps every parameter (and every rank) in the backward
+                return sum(chunk.sum() for chunk in (outputs if isinstance(outputs, list) else [outputs])) * 0.0, 0
+            if isinstance(self.loss_fn, LinearCrossEntropyLoss):
+                return self.loss_fn(outputs, self._output_weight(), labels), n_tokens
+            return self.loss_fn(outputs, labels) * n_tokens, n_tokens
+
+    def train(self) -> int:
+        """Run until max_steps (or a stop signal); returns the process exit code."""
+        cfg, env = self.cfg, self.env
+        log_steps, save_steps, eval_steps = int(cfg.log_steps), int(cfg.save_steps), int(cfg.eval_steps)
+        bar = tqdm(
+            total=self.max_steps,
+            initial=self.global_step,
+            desc=f"{self.kind} training",
+            disable=not (env.is_main and cfg.progress),
+            dynamic_ncols=True,
+        )
+        window: dict[str, Any] = self._new_window()
+        t_window = time.perf_counter()
+        max_epochs = cfg.get("epochs")
+        while self.global_step < self.max_steps and not self._stop_signal:
+            if max_epochs is not None and self.epoch >= int(max_epochs):
+                break
+            for micro, batch in enumerate(self._micro_batches(), start=1):
+                loss_sum, n_tokens = self._forward_sum(batch)
+                loss_sum.backward()
+                self._accumulate(window, batch, loss_sum, n_tokens)
+                if micro % self.grad_accum:
+                    continue
+                metrics = self._optimizer_step(window)
+                self.global_step += 1
+                self.step_in_epoch += 1
+                elapsed = time.perf_counter() - t_window
+                self.totals["train_seconds"] += elapsed
+                metrics.update(self._throughput(window, elapsed))
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                if self.global_step % log_steps == 0 or self.global_step == 1:
+                    self._log(metrics)
+                if self.global_step % eval_steps == 0 and (losses := self.evaluate_all()):
+                    self._log(losses)
+                self._check_stop_signal()
+                if self.global_step % save_steps == 0 or self._stop_signal or self.global_step >= self.max_steps:
+                    self.save_checkpoint()
+                window, t_window = self._new_window(), time.perf_counter()
+                if self.global_step >= self.max_steps or self._stop_signal:
+                    break
+            else:
+                if window["counts"]["samples"]:  # packed epochs may end inside an accumulation window: drop it
+                    self.optimizer.zero_grad(set_to_none=True)
+                    window = self._new_window()
+                self.epoch += 1
+                self.step_in_epoch = 0
+                continue
+            break
+        bar.close()
+        self.save_checkpoint()
+        if self._stop_signal:
+            if env.is_main:
+                log.warning(
+                    "stopped by %s at step %d after saving: exiting with %d for requeue",
+                    signal.Signals(self._stop_signal).name,
+                    self.global_step,
+                    EXIT_PREEMPTED,
+                )
+            return EXIT_PREEMPTED
+        return 0
+
+    def _new_window(self) -> dict[str, Any]:
+        """Sums over one accumulation window; the loss stays on the training device until the step."""
+        return {
+            "loss_sum": torch.zeros((), dtype=torch.float32, device=self.device),
+            "label_tokens": 0,
+            "counts": {"samples": 0, "text": 0, "dsu": 0, "special": 0, "padding": 0, "model_flops": 0.0},
+        }
+
+    def _accumulate(self, window: dict[str, Any], batch: dict[str, Any], loss_sum: torch.Tensor, n: int) -> None:
+        counts = window["counts"]
+        window["loss_sum"] += loss_sum.detach().float()
+        window["label_tokens"] += n
+        counts["samples"] += batch["tokens"].shape[0]
+        kinds = {kind: int(count) for kind, count in batch["token_counts"].items()}
+        for kind, count in kinds.items():
+            counts[kind] += count
+        counts["model_flops"] += self.throughput.batch_flops(
+            kinds["text"] + kinds["dsu"] + kinds["special"], batch["tokens"].shape[1]
+        )
+
+    def _optimizer_step(self, window: dict[str, Any]) -> dict[str, Any]:
+        """Normalise by the window's label tokens over all ranks, clip, step; returns step metrics."""
+        totals = torch.stack(
+            [torch.tensor(float(window["label_tokens"]), device=self.device), window["loss_sum"]]
+        ).double()
+        totals = distributed.all_reduce(totals, self.env).cpu()
+        label_tokens, loss_sum = int(totals[0]), float(totals[1])
+        lr = self.optimizer.param_groups[0]["lr"]
+        if label_tokens == 0:
+            log.warning(
+                "step %d: no label tokens in the accumulation window: skipping the update", self.global_step + 1
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.totals["skipped_steps"] += 1
+            return {"loss": float("nan"), "lr": lr, "grad_norm": float("nan"), "label_tokens": 0}
+        for param, mask in self._row_masks:
+            if param.grad is not None:
+                param.grad.mul_(mask)
+        # FSDP averages gradients over ranks; undo that and divide by the window's tokens.
+        training.scale_grads(self.model, torch.tensor(self.env.world_size / label_tokens))
+        grad_norm = float("nan")
+        if self.cfg.clip_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=float(self.cfg.clip_grad_norm))
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        self.totals["label_tokens"] += label_tokens
+        return {"loss": loss_sum / label_tokens, "lr": lr, "grad_norm": grad_norm, "label_tokens": label_tokens}
+
+    def _throughput(self, window: dict[str, Any], elapsed: float) -> dict[str, Any]:
+        names = list(window["counts"])
+        summed = torch.tensor([window["counts"][name] for name in names], dtype=torch.float64)
+        counts = dict(zip(names, distributed.all_reduce(summed.to(self.device), self.env).cpu().tolist(), strict=True))
+        self.consumed_samples += int(counts["samples"])
+        self.totals["tokens"] += int(counts["text"] + counts["dsu"] + counts["special"])
+        metrics = self.throughput.metrics(counts, elapsed, self.env.world_size)
+        return {**metrics, "consumed_samples": self.consumed_samples, "epoch": self.epoch}
+
+    def evaluate_all(self) -> dict[str, float]:
+        """`dev_loss` on the data preset's dev split and `text_dev_loss` on the text dev set, when configured."""
+        losses = {}
+        if self.dev_loader is not None:
+            losses["dev_loss"] = self.evaluate()
+        if self.text_dev_loader is not None:
+            losses["text_dev_loss"] = self.evaluate(self.text_dev_loader)
+        return losses
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader | None = None) -> float:
+        """Token-weighted loss over a whole evaluation loader (default: the dev split), reduced across ranks.
+
+        Ranks may hold different numbers of batches (packed evaluation): every rank keeps running
+        forwards until the last one is done, repeating a batch with zero weight when it has none left,
+        so that FSDP's collectives stay matched and every sample counts exactly once."""
+        loader = loader or self.dev_loader
+        assert loader is not None
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        set_loader_epoch(loader, 0)
+        batches = iter(loader)
+        last = None
+        while True:
+            batch = next(batches, None)
+            if not self._all_ranks(batch is not None, "max"):
+                break
+            if batch is None:  # this rank is done: a forward that counts for nothing
+                self._forward_sum(last if last is not None else self._empty_batch())
+                continue
+            loss_sum, n_tokens = self._forward_sum(batch)
+            totals += torch.stack([loss_sum.detach().double(), torch.tensor(float(n_tokens), device=self.device)])
+            last = batch
+        totals = distributed.all_reduce(totals, self.env).cpu()
+        self.model.train()
+        return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+
+    def _empty_batch(self) -> dict[str, Any]:
+        """One padding token without a label, for a rank that has no evaluation batch at all."""
+        return {
+            "tokens": torch.tensor([[self.tokenizer.pad_id]]),
+            "labels": torch.tensor([[CROSS_ENTROPY_IGNORE_IDX]]),
+        }
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        if not self.env.is_main:
+            return
+        for logger in self.metric_loggers:
+            logger.log_dict(metrics, step=self.global_step)
+        shown = {
+            k: metrics[k]
+            for k in ("loss", "dev_loss", "text_dev_loss", "lr", "grad_norm", "tokens_per_second", "mfu")
+            if k in metrics
+        }
+        eta = ""
+        if "tokens_per_second" in metrics and self.global_step:
+            per_step = self.totals["train_seconds"] / max(self.global_step, 1)
+            eta = f" eta {time.strftime('%H:%M:%S', time.gmtime(per_step * (self.max_steps - self.global_step)))}"
+        log.info("step %d %s%s", self.global_step, " ".join(f"{k}={v:.4g}" for k, v in shown.items()), eta)
+
+    # --- preemption ------------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum: int, _frame: Any) -> None:
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def _check_stop_signal(self) -> None:
+        """All ranks stop at the same step if any one of them was signalled."""
+        flag = distributed.all_reduce(torch.tensor([self._stop_signal], device=self.device), self.env, "max")
+        self._stop_signal = int(flag.item())
+
+    def cleanup(self) -> None:
+        for logger in self.metric_loggers:
+            logger.close()
+        distributed.destroy(self.env)
+
+
+def _size_preset_hint(value: str) -> str:
+    """A hint for `model=tiny` and the like: size presets are chosen with `size=` (conf/size/)."""
+    presets = Path(__file__).resolve().parents[3] / "conf" / "size"
+    if (presets / f"{value}.yaml").is_file():
+        return f" (size presets are chosen with size={value}; model= names the model directory)"
+    return ""
+
+
+def run_recipe(cfg: DictConfig, kind: str) -> int:
+    """Entry point used by recipes/cpt.py and recipes/sft.py; returns the process exit code."""
+    setup_cli_logging()
+    try:
+        recipe = SpeechTrainingRecipe(cfg, kind)
+        recipe.setup()
+    except (RecipeError, CheckpointError, DataValidationError) as err:
+        return report_error(err)
+    try:
+        return recipe.train()
+    finally:
+        recipe.cleanup()

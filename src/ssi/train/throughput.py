@@ -1,0 +1,115 @@
+"""What a training step achieved: tokens/s, and model FLOPs utilisation (MFU), the share of the
+accelerator's peak that training turns into model math.
+
+FLOPs per trained token follow the PaLM paper's accounting (Chowdhery et al. 2022, appendix B):
+`6 * N + 12 * L * d * T`, where N counts the weights that take part in matrix multiplications
+(attention and MLP projections of every layer, plus the output projection; the embedding lookup is
+free), L is the number of layers, d the hidden size and T the attention span (the batch's padded
+or packed sequence length). Causal masking and recomputation (activation checkpointing) are not
+discounted or added: MFU measures useful model math, not what the kernels executed.
+
+The peak is the dense bf16 tensor-core figure of the device's data sheet (`PEAK_BF16_TFLOPS`), or
+`peak_tflops` from the config for anything not in the table. docs/training.md lists both.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+
+import torch
+
+from ssi.model.architecture import LlamaArchitecture
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s. Matched against
+# torch.cuda.get_device_name() in this order, so the more specific names come first.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("GB200", 2500.0),
+    ("B200", 2250.0),
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("H800", 989.4),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("A40", 149.7),
+    ("A6000", 154.8),
+    ("L4", 121.0),
+    ("A10", 125.0),
+)
+
+
+def matmul_params(
+    num_layers: int, embed_dim: int, num_heads: int, num_kv_heads: int, intermediate_dim: int, vocab_size: int
+) -> int:
+    """Weights used in matrix multiplications per token: q/k/v/o and the SwiGLU MLP per layer, and the output."""
+    head_dim = embed_dim // num_heads
+    attention = 2 * embed_dim * embed_dim + 2 * embed_dim * num_kv_heads * head_dim
+    mlp = 3 * embed_dim * intermediate_dim
+    return num_layers * (attention + mlp) + vocab_size * embed_dim
+
+
+def training_flops_per_token(n_matmul_params: int, num_layers: int, embed_dim: int, seq_len: int) -> float:
+    """Forward + backward FLOPs of one token in a sequence of `seq_len` (PaLM's 6N + 12 L d T)."""
+    return 6.0 * n_matmul_params + 12.0 * num_layers * embed_dim * seq_len
+
+
+def peak_flops(device: torch.device, peak_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of one device: `peak_tflops` when given, else the data-sheet bf16 figure of a known
+    GPU; None when unknown (MFU is then not logged)."""
+    if peak_tflops is not None:
+        return float(peak_tflops) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Turns one optimizer step's counts (summed over ranks) into the logged throughput metrics."""
+
+    n_matmul_params: int
+    num_layers: int
+    embed_dim: int
+    device: torch.device
+    peak: float | None  # FLOP/s of one device, None when unknown
+
+    @classmethod
+    def for_model(cls, arch: LlamaArchitecture, device: torch.device, peak_tflops: float | None) -> Throughput:
+        n = matmul_params(
+            arch.num_layers, arch.embed_dim, arch.num_heads, arch.num_kv_heads, arch.intermediate_dim, arch.vocab_size
+        )
+        return cls(n, arch.num_layers, arch.embed_dim, device, peak_flops(device, peak_tflops))
+
+    def batch_flops(self, real_tokens: int, seq_len: int) -> float:
+        """Model FLOPs of training on a batch with `real_tokens` non-padding tokens of length `seq_len`."""
+        return real_tokens * training_flops_per_token(self.n_matmul_params, self.num_layers, self.embed_dim, seq_len)
+
+    def metrics(self, counts: dict[str, float], elapsed: float, world_size: int) -> dict[str, float]:
+        """tokens/s, samples/s, token counts by kind, model TFLOP/s per device, MFU and peak memory."""
+        real_tokens = counts["text"] + counts["dsu"] + counts["special"]
+        per_device_flops = counts["model_flops"] / elapsed / world_size
+        metrics = {
+            "tokens_per_second": real_tokens / elapsed,
+            "samples_per_second": counts["samples"] / elapsed,
+            "text_tokens": int(counts["text"]),
+            "dsu_tokens": int(counts["dsu"]),
+            "special_tokens": int(counts["special"]),
+            "padding_tokens": int(counts["padding"]),
+            "model_tflops_per_device": per_device_flops / 1e12,
+        }
+        if self.peak is not None:
+            metrics["mfu"] = per_device_flops / self.peak
+        if self.device.type == "cuda":
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            metrics["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return metrics
