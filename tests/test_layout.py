@@ -14,8 +14,9 @@ LAYERS = [
     {"ssi.vocab", "ssi.run_dir"},
     {"ssi.model", "ssi.loggers"},
     {"ssi.data", "ssi.testing"},
-    {"ssi.eval"},
+    {"ssi.eval", "ssi.encode"},
     {"ssi.generate", "ssi.train"},
+    {"ssi.report"},
 ]
 
 
