@@ -18,7 +18,7 @@ import torch
 
 from ssi.data.cpt import CPTDataset, CPTOptions, SpanSampler, dedup_units, speech_span, time_to_frame
 from ssi.data.sources import DataValidationError
-from ssi.testing import small_tiktoken_file
+from ssi.testing import small_tiktoken_file, special_tokens
 from ssi.vocab.tiktoken import SpeechLlama3Tokenizer, load_tokenizer
 
 BOS, EOS, TXT, SPC, DSU0 = 2000, 2001, 2556, 2557, 2256
@@ -193,7 +193,8 @@ def test_same_seed_epoch_index_gives_same_sequence_in_any_worker(tok, synthetic_
 
 def test_a_base_tokenizer_is_refused(hand_made) -> None:
     with pytest.raises(DataValidationError, match="speech-extended tokenizer"):
-        CPTDataset(hand_made, SpeechLlama3Tokenizer(small_tiktoken_file()), 50.0, CPTOptions())
+        base = SpeechLlama3Tokenizer(small_tiktoken_file(), special_tokens=special_tokens(2000))
+        CPTDataset(hand_made, base, 50.0, CPTOptions())
 
 
 def test_word_cache_equals_encoding_the_joined_span(tok) -> None:

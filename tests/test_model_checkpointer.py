@@ -13,10 +13,11 @@ from transformers import AutoModelForCausalLM
 
 import ssi.model.checkpointer as ckpt_mod
 from ssi.files import read_json, write_json
-from ssi.hf_dir import SAFETENSORS_INDEX, read_safetensors_header, save_tensors
+from ssi.hf_dir import SAFETENSORS_INDEX, read_safetensors_header
 from ssi.model.architecture import CheckpointError
 from ssi.model.builder import build_model
 from ssi.model.checkpointer import SpeechCheckpointer
+from ssi.model.tensor_files import save_tensors
 from ssi.run_dir import list_checkpoints, load_training_state, prune_checkpoints, resolve_checkpoint
 from ssi.vocab.extend import extend_model_dir
 from ssi.vocab.layout import MANIFEST_NAME

@@ -173,6 +173,18 @@ def _broken_copy(tiny_base_dir: Path, tmp_path: Path, breakage: str) -> Path:
     elif breakage == "vocab_mismatch":
         config = json.loads((src / "config.json").read_text())
         (src / "config.json").write_text(json.dumps({**config, "vocab_size": 2300}))
+    elif breakage == "decoder_disagrees":  # tokenizer_config.json moves <|eot_id|> onto the next id
+        config = json.loads((src / "tokenizer_config.json").read_text())
+        decoder = config["added_tokens_decoder"]
+        decoder["2009"], decoder["2010"] = decoder["2010"], decoder["2009"]
+        (src / "tokenizer_config.json").write_text(json.dumps(config))
+    elif breakage == "special_gap":  # the last special token sits past the block
+        tokenizer = json.loads((src / "tokenizer.json").read_text())
+        tokenizer["added_tokens"][-1]["id"] = 2300
+        (src / "tokenizer.json").write_text(json.dumps(tokenizer))
+        config = json.loads((src / "tokenizer_config.json").read_text())
+        config["added_tokens_decoder"]["2300"] = config["added_tokens_decoder"].pop("2255")
+        (src / "tokenizer_config.json").write_text(json.dumps(config))
     return src
 
 
@@ -185,7 +197,12 @@ def _broken_copy(tiny_base_dir: Path, tmp_path: Path, breakage: str) -> Path:
         ("no_tokenizer_json", "missing required files: tokenizer.json"),
         ("no_weights", "has no weights: neither model.safetensors nor model.safetensors.index.json"),
         ("missing_shard", r"names shards that are missing: \['model-00001-of-00002.safetensors'\]"),
-        ("vocab_mismatch", "vocab_size is 2300, but a base Llama 3 vocabulary .* has 2256"),
+        (
+            "vocab_mismatch",
+            r"vocab_size is 2300, but the base vocabulary \(2000 ranks .* \+ 256 special tokens\) has 2256",
+        ),
+        ("decoder_disagrees", r"<\|eot_id\|> has id 2009 in tokenizer.json but id 2010 in .*tokenizer_config.json"),
+        ("special_gap", r"special token <\|reserved_special_token_247\|> has id 2300, expected 2255"),
     ],
 )
 def test_refuses_bad_input_without_writing(tiny_base_dir, tmp_path, breakage: str, message: str) -> None:
@@ -210,7 +227,7 @@ def test_refuses_already_extended_input(tiny_extended_dir, tiny_base_dir, tmp_pa
     stripped = tmp_path / "stripped"
     shutil.copytree(tiny_extended_dir, stripped)
     (stripped / "ssi.json").unlink()
-    with pytest.raises(ExtensionError, match=r"vocab_size is 2558, .* already extended"):
+    with pytest.raises(ExtensionError, match=r"tokenizer.json: already contains DSU or modality tokens"):
         extend_model_dir(stripped, tmp_path / "out", 10, progress=False)
     config = json.loads((stripped / "config.json").read_text())
     (stripped / "config.json").write_text(json.dumps({**config, "vocab_size": 2256}))

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from ssi.testing import special_tokens
 from ssi.vocab.layout import (
     DSU_CHAR_OFFSET,
     MAX_DSUS,
@@ -16,7 +17,6 @@ from ssi.vocab.layout import (
     char_to_dsu,
     dsu_to_char,
     dsus_to_text,
-    llama3_special_tokens,
     text_to_dsus,
 )
 
@@ -40,19 +40,16 @@ def test_non_dsu_characters_are_rejected(char: str) -> None:
         char_to_dsu(char)
 
 
-def test_special_tokens_follow_published_llama_3_2_layout() -> None:
-    specials = llama3_special_tokens(128000)
-    assert len(specials) == 256 and sorted(specials.values()) == list(range(128000, 128256))
-    assert specials["<|begin_of_text|>"] == 128000
-    assert specials["<|end_of_text|>"] == 128001
-    assert specials["<|finetune_right_pad_id|>"] == 128004
-    assert specials["<|start_header_id|>"] == 128006
-    assert specials["<|eot_id|>"] == 128009
-    assert specials["<|python_tag|>"] == 128010
-    assert specials["<|reserved_special_token_3|>"] == 128011
-    assert specials["<|reserved_special_token_247|>"] == 128255
-    # derived from the BPE size, so a small test vocabulary works like the real one
-    assert llama3_special_tokens(2000)["<|eot_id|>"] == 2009
+def test_special_ids_are_looked_up_by_name_in_the_recorded_table() -> None:
+    vocab = SpeechVocab(n_bpe=2000, n_dsus=300, special_tokens=special_tokens(2000, "3.1"))
+    assert vocab.special_id("<|eot_id|>") == 2009 and vocab.pad_token_id == 2004  # <|finetune_right_pad_id|>
+    assert vocab.stop_token_ids == [2001, 2009, 2008]  # end_of_text, eot, eom
+    llama_3_0 = SpeechVocab(n_bpe=2000, n_dsus=300, special_tokens=special_tokens(2000, "3.0"))
+    assert llama_3_0.stop_token_ids == [2001, 2009] and llama_3_0.pad_token_id == 2001  # no eom, no pad token
+    with pytest.raises(VocabError, match=r"no special token <\|eom_id\|>"):
+        llama_3_0.special_id("<|eom_id|>")
+    with pytest.raises(VocabError, match="built without the base's special-token table"):
+        _ = SpeechVocab(n_bpe=2000, n_dsus=300).stop_token_ids
 
 
 def test_vocab_layout_appends_dsus_then_modality_tokens() -> None:
@@ -82,7 +79,7 @@ def test_vocab_rejects_impossible_sizes(n_dsus: int) -> None:
 
 
 def test_manifest_round_trip_and_config_check(tmp_path) -> None:
-    vocab = SpeechVocab(2000, 300, True, "Llama-3.2-1B", "hubert-large-l22-km5000", 50.0)
+    vocab = SpeechVocab(2000, 300, True, "Llama-3.2-1B", "hubert-large-l22-km5000", 50.0, special_tokens(2000))
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": vocab.vocab_size}))
     vocab.save(tmp_path, extra={"extension": {"init": "mean"}})
     data = json.loads((tmp_path / "ssi.json").read_text())
@@ -99,10 +96,10 @@ def test_manifest_round_trip_and_config_check(tmp_path) -> None:
 def test_manifest_errors_are_specific(tmp_path) -> None:
     with pytest.raises(VocabError, match=r"ssi.json not found: .* is not a speech-extended model"):
         SpeechVocab.load(tmp_path)
-    manifest = SpeechVocab(2000, 300).to_manifest()
+    manifest = SpeechVocab(2000, 300, special_tokens=special_tokens(2000)).to_manifest()
     (tmp_path / "ssi.json").write_text(json.dumps({**manifest, "vocab_size": 9999}))
     with pytest.raises(VocabError, match="vocab_size 9999 does not match the layout"):
         SpeechVocab.load(tmp_path, check_config=False)
-    (tmp_path / "ssi.json").write_text(json.dumps({"format_version": 1, "n_bpe": 2000}))
+    (tmp_path / "ssi.json").write_text(json.dumps({"format_version": 2, "n_bpe": 2000}))
     with pytest.raises(VocabError, match=r"missing keys \['n_dsus', 'modality_tokens'\]"):
         SpeechVocab.load(tmp_path, check_config=False)

@@ -134,3 +134,17 @@ def test_manifest_and_tokenizer_file_must_agree(tiny_extended_dir: Path) -> None
     wrong = SpeechVocab(n_bpe=1999, n_dsus=10)
     with pytest.raises(VocabError, match="has 2000 BPE ranks but the manifest says n_bpe=1999"):
         SpeechLlama3Tokenizer(tiny_extended_dir / "original/tokenizer.model", vocab=wrong)
+
+
+def test_manifests_written_before_the_table_was_recorded_still_load(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_extended_dir, old)
+    manifest = json.loads((old / "ssi.json").read_text())
+    for key in ("special_tokens", "stop_tokens", "pad_token"):
+        del manifest[key]
+    (old / "ssi.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    assert SpeechVocab.load(old).special_tokens == SpeechVocab.load(tiny_extended_dir).special_tokens
+    assert load_tokenizer(old).stop_tokens == load_tokenizer(tiny_extended_dir).stop_tokens

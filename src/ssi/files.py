@@ -30,8 +30,9 @@ def read_json(path: Path) -> Any:
         raise FileFormatError(f"{path} is not valid JSON: {err}") from None
 
 
-def write_json(path: Path, data: Any) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+def write_json(path: Path, data: Any, indent: int | None = 2) -> None:
+    """`indent=None` writes the compact form, several times faster for large files (tokenizer.json)."""
+    Path(path).write_text(json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:

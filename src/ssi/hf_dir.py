@@ -3,7 +3,8 @@
 Weights are handled tensor by tensor straight from the safetensors byte layout (an 8-byte header
 length, a JSON header with dtype/shape/offsets, then raw bytes), so a 3B checkpoint can be edited
 without ever holding it in memory. This module owns the names of a model directory's files
-(docs/vocabulary.md lists what a speech-extended one holds).
+(docs/vocabulary.md lists what a speech-extended one holds). It needs numpy but not torch, so that the
+extension command starts in a fraction of a second (ssi.model.tensor_files holds the torch side).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
+import numpy as np
 
 from ssi.files import FileFormatError, read_json
 
@@ -31,19 +32,21 @@ MANIFEST_NAME = "ssi.json"  # the speech-vocabulary manifest of an extended mode
 REQUIRED_SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, TIKTOKEN_FILE, MANIFEST_NAME)
 _COPY_CHUNK = 64 << 20
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# Bytes per element of each safetensors dtype.
+SAFETENSORS_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
 }
-_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+# Floating-point dtypes whose rows can be read as float32 and written back (`read_rows_f32`, `f32_to_bytes`).
+FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
 class ModelDirError(ValueError):
@@ -106,10 +109,6 @@ class TensorEntry:
     def nbytes(self) -> int:
         return self.end - self.start
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return SAFETENSORS_DTYPES[self.dtype]
-
 
 def read_safetensors_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
     """Tensor entries (in file order) and `__metadata__` of a safetensors file, without reading data."""
@@ -153,13 +152,36 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise ModelDirError(f"{model_dir} has no weights: neither {SAFETENSORS_SINGLE} nor {SAFETENSORS_INDEX}")
 
 
-def read_tensor_rows(f: BinaryIO, entry: TensorEntry, row_start: int, row_end: int) -> torch.Tensor:
-    """Rows [row_start, row_end) of a 2-D tensor, read from an open file without touching the rest."""
-    row_bytes = entry.nbytes // entry.shape[0]
-    f.seek(entry.start + row_start * row_bytes)
-    buf = bytearray((row_end - row_start) * row_bytes)
-    f.readinto(buf)
-    return torch.frombuffer(buf, dtype=entry.torch_dtype).view(row_end - row_start, *entry.shape[1:])
+def read_rows_f32(path: Path, entry: TensorEntry, row_start: int, row_end: int, step: int = 1) -> np.ndarray:
+    """Rows [row_start, row_end) (every `step`-th) of a 2-D F32/F16/BF16 tensor as float32, mapped from the
+    file so that only the pages of those rows are read. bf16 is the high half of a float32: it widens exactly."""
+    if entry.dtype not in FLOAT_DTYPES or len(entry.shape) != 2:
+        raise ModelDirError(f"{entry.name}: expected a 2-D {'/'.join(FLOAT_DTYPES)} tensor, got {entry.dtype}")
+    itemsize = SAFETENSORS_ITEMSIZE[entry.dtype]
+    matrix = np.memmap(path, dtype=f"<u{itemsize}", mode="r", offset=entry.start, shape=entry.shape)
+    raw = matrix[row_start:row_end:step]
+    if entry.dtype == "F32":
+        return np.array(raw.view(np.float32))
+    if entry.dtype == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    widened = np.zeros((raw.shape[0], entry.shape[1] * 2), dtype=np.uint16)  # little-endian: high half second
+    widened[:, 1::2] = raw
+    return widened.view(np.float32)
+
+
+def f32_to_bytes(values: np.ndarray, dtype: str) -> bytes:
+    """float32 values as the bytes of a safetensors `dtype` (bf16 rounded to nearest even, as torch does)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if dtype == "F32":
+        return values.tobytes()
+    if dtype == "F16":
+        return values.astype("<f2").tobytes()
+    if dtype != "BF16":
+        raise ModelDirError(f"cannot write float values as {dtype}")
+    bits = values.view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))
+    rounded = np.where(np.isnan(values), bits | 0x00400000, rounded)  # keep NaN a (quiet) NaN
+    return (rounded >> 16).astype("<u2").tobytes()
 
 
 def copy_byte_range(src: BinaryIO, dst: BinaryIO, start: int, length: int) -> None:
@@ -195,7 +217,7 @@ def write_safetensors(
     offset = 0
     sizes = []
     for name, dtype, shape in layout:
-        nbytes = SAFETENSORS_DTYPES[dtype].itemsize * int(torch.Size(shape).numel())
+        nbytes = SAFETENSORS_ITEMSIZE[dtype] * int(np.prod(shape, dtype=np.int64))
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         sizes.append(nbytes)
         offset += nbytes
@@ -210,23 +232,3 @@ def write_safetensors(
             if f.tell() - before != nbytes:
                 raise RuntimeError(f"{path}: tensor {layout[i][0]} wrote {f.tell() - before} bytes, expected {nbytes}")
     return offset
-
-
-def tensor_bytes_writer(tensors: list[torch.Tensor]) -> Callable[[int, BinaryIO], None]:
-    """A `write_safetensors` callback for in-memory tensors."""
-
-    def write(i: int, f: BinaryIO) -> None:
-        f.write(tensors[i].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-
-    return write
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write in-memory tensors as one safetensors file (small models, tests, fixtures)."""
-    names = list(tensors)
-    layout = [(n, _DTYPE_NAMES[tensors[n].dtype], tuple(tensors[n].shape)) for n in names]
-    write_safetensors(path, layout, tensor_bytes_writer([tensors[n] for n in names]))
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES[dtype]

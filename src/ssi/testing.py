@@ -21,10 +21,49 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from torchtune.models.llama3._tokenizer import CL100K_PATTERN
 
 from ssi.files import write_json
-from ssi.hf_dir import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TIKTOKEN_FILE, save_tensors
-from ssi.vocab.layout import llama3_special_tokens
+from ssi.hf_dir import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TIKTOKEN_FILE
+from ssi.model.tensor_files import save_tensors
 
 HUB_TRANSFORMERS_VERSION = "4.45.0.dev0"
+# How published Llama 3 tokenizers name their 256 special tokens (fixtures only: ssi itself reads the table
+# from a base model's files). The names up to the first of the numbered reserved tokens, then the number of
+# that first reserved token.
+SPECIAL_NAMINGS: dict[str, tuple[tuple[str, ...], int]] = {
+    # Meta-Llama-3 (3.0)
+    "3.0": (
+        ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+         "<|reserved_special_token_2|>", "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
+         "<|reserved_special_token_4|>", "<|eot_id|>"),
+        5,
+    ),
+    # Llama 3.1, 3.2 and 3.3 on the hub
+    "3.1": (
+        ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+         "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+         "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"),
+        3,
+    ),
+    # the llama-models tables (and torchtune's), as in Llama 3.2 Vision
+    "llama-models": (
+        ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+         "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+         "<|eot_id|>", "<|python_tag|>"),
+        2,
+    ),
+}  # fmt: skip
+# A Llama 3 style chat template for Instruct fixtures (the extension must keep it verbatim).
+CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+)
+
+
+def special_tokens(n_bpe: int, naming: str = "3.1") -> dict[str, int]:
+    """The 256 special tokens of a published Llama 3 naming, numbered from the size of the BPE file."""
+    named, first_reserved = SPECIAL_NAMINGS[naming]
+    reserved = [f"<|reserved_special_token_{first_reserved + k}|>" for k in range(256 - len(named))]
+    return {name: n_bpe + offset for offset, name in enumerate([*named, *reserved])}
 
 
 def small_tiktoken_file() -> Path:
@@ -75,7 +114,7 @@ def _byte_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def hf_tokenizer_from_ranks(ranks: dict[bytes, int]) -> Tokenizer:
+def hf_tokenizer_from_ranks(ranks: dict[bytes, int], naming: str = "3.1") -> Tokenizer:
     """The Llama 3 HF fast tokenizer for a tiktoken vocabulary: same pre-tokenizer regex, merges
     ordered by the rank of the merged token (the order in which tiktoken applies them)."""
     alphabet = _byte_to_unicode()
@@ -97,7 +136,7 @@ def hf_tokenizer_from_ranks(ranks: dict[bytes, int]) -> Tokenizer:
         ]
     )
     tokenizer.decoder = decoders.ByteLevel()
-    specials = llama3_special_tokens(len(ranks))
+    specials = special_tokens(len(ranks), naming)
     tokenizer.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     bos = "<|begin_of_text|>"
     tokenizer.post_processor = processors.Sequence(
@@ -126,6 +165,7 @@ class LlamaShape:
     tie_word_embeddings: bool = True
     rope_theta: float = 500000.0
     max_position_embeddings: int = 131072
+    rope_factor: float | None = 32.0  # Llama 3 rope scaling factor (3.2: 32, 3.1: 8); None: plain RoPE (3.0)
 
     @property
     def head_dim(self) -> int:
@@ -171,14 +211,23 @@ def llama_state_dict(
     return sd
 
 
-def hub_config(shape: LlamaShape, n_bpe: int, dtype: torch.dtype) -> dict:
-    """config.json as the hub publishes it for Llama 3.2 (rope_scaling / torch_dtype spellings)."""
+def hub_config(shape: LlamaShape, n_bpe: int, dtype: torch.dtype, eos_token_id: int | list[int] | None = None) -> dict:
+    """config.json as the hub publishes it for Llama 3.x (rope_scaling / torch_dtype spellings)."""
+    rope_scaling = None
+    if shape.rope_factor is not None:
+        rope_scaling = {
+            "factor": shape.rope_factor,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        }
     return {
         "architectures": ["LlamaForCausalLM"],
         "attention_bias": False,
         "attention_dropout": 0.0,
         "bos_token_id": n_bpe,
-        "eos_token_id": n_bpe + 1,
+        "eos_token_id": n_bpe + 1 if eos_token_id is None else eos_token_id,
         "head_dim": shape.head_dim,
         "hidden_act": "silu",
         "hidden_size": shape.hidden_size,
@@ -192,13 +241,7 @@ def hub_config(shape: LlamaShape, n_bpe: int, dtype: torch.dtype) -> dict:
         "num_key_value_heads": shape.num_kv_heads,
         "pretraining_tp": 1,
         "rms_norm_eps": 1e-05,
-        "rope_scaling": {
-            "factor": 32.0,
-            "high_freq_factor": 4.0,
-            "low_freq_factor": 1.0,
-            "original_max_position_embeddings": 8192,
-            "rope_type": "llama3",
-        },
+        "rope_scaling": rope_scaling,
         "rope_theta": shape.rope_theta,
         "tie_word_embeddings": shape.tie_word_embeddings,
         "torch_dtype": str(dtype).removeprefix("torch."),
@@ -208,28 +251,35 @@ def hub_config(shape: LlamaShape, n_bpe: int, dtype: torch.dtype) -> dict:
     }
 
 
-def write_tokenizer_files(model_dir: Path, ranks: dict[bytes, int], tiktoken_source: Path | None = None) -> None:
-    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and original/tokenizer.model."""
+def write_tokenizer_files(
+    model_dir: Path,
+    ranks: dict[bytes, int],
+    tiktoken_source: Path | None = None,
+    naming: str = "3.1",
+    instruct: bool = False,
+) -> None:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and original/tokenizer.model, with the
+    special tokens of `naming`; Instruct tokenizers carry a chat template and end turns with <|eot_id|>."""
     (model_dir / "original").mkdir(parents=True, exist_ok=True)
     if tiktoken_source is not None:
         shutil.copyfile(tiktoken_source, model_dir / TIKTOKEN_FILE)
     else:
         write_tiktoken_file(model_dir / TIKTOKEN_FILE, ranks)
-    hf_tokenizer_from_ranks(ranks).save(str(model_dir / "tokenizer.json"))
-    specials = llama3_special_tokens(len(ranks))
+    hf_tokenizer_from_ranks(ranks, naming).save(str(model_dir / "tokenizer.json"))
+    specials = special_tokens(len(ranks), naming)
     flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
-    write_json(
-        model_dir / "tokenizer_config.json",
-        {
-            "added_tokens_decoder": {str(i): {"content": s, **flags} for s, i in specials.items()},
-            "bos_token": "<|begin_of_text|>",
-            "clean_up_tokenization_spaces": True,
-            "eos_token": "<|end_of_text|>",
-            "model_input_names": ["input_ids", "attention_mask"],
-            "model_max_length": 131072,
-            "tokenizer_class": "PreTrainedTokenizerFast",
-        },
-    )
+    config = {
+        "added_tokens_decoder": {str(i): {"content": s, **flags} for s, i in specials.items()},
+        "bos_token": "<|begin_of_text|>",
+        "clean_up_tokenization_spaces": True,
+        "eos_token": "<|eot_id|>" if instruct else "<|end_of_text|>",
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": 131072,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    if instruct:
+        config["chat_template"] = CHAT_TEMPLATE
+    write_json(model_dir / "tokenizer_config.json", config)
     entry = {k: v for k, v in flags.items() if k != "special"}
     write_json(
         model_dir / "special_tokens_map.json",
@@ -248,20 +298,25 @@ def write_llama_dir(
     seed: int = 0,
     std: float = 0.02,
     shard_tensors: int | None = None,
+    naming: str = "3.1",
+    instruct: bool = False,
 ) -> Path:
-    """Write a Llama-3.2-shaped HF directory like a hub snapshot (random weights).
+    """Write a Llama-3.x-shaped HF directory like a hub snapshot (random weights).
 
     `n_bpe=None` uses the shipped 2,000-rank tiktoken vocabulary; any other size builds a synthetic
     one. `shard_tensors=k` splits weights into shards of k tensors with an index, like larger
-    hub checkpoints.
+    hub checkpoints. `naming` picks the special-token names of a release (`SPECIAL_NAMINGS`); `instruct`
+    adds the chat template and ends generation on the end-of-turn tokens, as Instruct checkpoints do.
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     source = small_tiktoken_file() if n_bpe is None else None
     ranks = read_tiktoken_ranks(source) if source else synthetic_bpe_ranks(n_bpe)
     n_bpe = len(ranks)
-    write_tokenizer_files(model_dir, ranks, source)
-    config = hub_config(shape, n_bpe, dtype)
+    write_tokenizer_files(model_dir, ranks, source, naming, instruct)
+    specials = special_tokens(n_bpe, naming)
+    stops = [specials[name] for name in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>") if name in specials]
+    config = hub_config(shape, n_bpe, dtype, eos_token_id=stops if instruct else None)
     write_json(model_dir / "config.json", config)
     write_json(
         model_dir / "generation_config.json",
@@ -269,7 +324,7 @@ def write_llama_dir(
             "_from_model_config": True,
             "bos_token_id": n_bpe,
             "do_sample": True,
-            "eos_token_id": n_bpe + 1,
+            "eos_token_id": stops if instruct else n_bpe + 1,
             "temperature": 0.6,
             "top_p": 0.9,
             "transformers_version": HUB_TRANSFORMERS_VERSION,
@@ -286,7 +341,7 @@ def write_llama_dir(
             "n_layers": shape.num_layers,
             "norm_eps": 1e-05,
             "rope_theta": shape.rope_theta,
-            "use_scaled_rope": True,
+            "use_scaled_rope": shape.rope_factor is not None,
             "vocab_size": config["vocab_size"],
         },
     )

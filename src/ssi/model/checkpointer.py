@@ -31,13 +31,13 @@ from ssi.hf_dir import (
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
     ModelDirError,
-    dtype_name,
     missing_files,
     read_safetensors_header,
     weight_files,
     write_safetensors,
 )
 from ssi.model.architecture import CheckpointError, LlamaArchitecture, read_config
+from ssi.model.tensor_files import dtype_name
 from ssi.vocab.layout import SpeechVocab, VocabError
 
 log = logging.getLogger(__name__)

@@ -2,12 +2,10 @@
 
 Every id of the base model keeps its value (docs/vocabulary.md): new rows are appended to the input
 embedding (and to the output head when it is untied). Weights are streamed tensor by tensor from
-the safetensors bytes, so peak memory is about one embedding matrix, not the model; base rows are
-copied byte for byte and stay bit-identical.
-
-New rows are drawn from a multivariate normal fitted to the base BPE embeddings (mean and full
-covariance), which keeps their norms and directions in the range the network already handles;
-`init="mean"` sets them all to the mean embedding instead.
+the safetensors bytes, kernel to kernel (`copy_file_range`), so peak memory is a fraction of the model
+and base rows stay bit-identical; the new rows (`ssi.vocab.new_rows`) are fitted in a thread while the
+unchanged tensors are copied, and the extended matrices are written last. The command imports numpy but
+not torch: extension costs little more than copying the checkpoint (bench/bench_extend.py).
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-import torch
+import numpy as np
 from tqdm import tqdm
 
 from ssi import report_error, setup_cli_logging
@@ -33,24 +31,23 @@ from ssi.hf_dir import (
     ModelDirError,
     TensorEntry,
     copy_byte_range,
+    f32_to_bytes,
     read_llama_config,
     read_model_json,
     read_safetensors_header,
-    read_tensor_rows,
     weight_files,
     write_safetensors,
 )
-from ssi.vocab.hf_tokenizer import extend_hf_tokenizer
-from ssi.vocab.layout import MAX_DSUS, N_LLAMA3_SPECIAL, SpeechVocab, count_bpe_ranks
+from ssi.vocab import specials
+from ssi.vocab.hf_tokenizer import check_not_extended, extend_hf_tokenizer
+from ssi.vocab.layout import MAX_DSUS, SpeechVocab, VocabError, count_bpe_ranks
+from ssi.vocab.new_rows import INIT_METHODS, new_rows
 
 log = logging.getLogger(__name__)
 
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
-INIT_METHODS = ("multivariate_normal", "mean")
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", TIKTOKEN_FILE)
-_FIT_CHUNK_ROWS = 8192
-_COV_ROWS_PER_DIM = 16
 # Written here rather than copied from the input.
 _GENERATED = {
     "config.json",
@@ -94,8 +91,9 @@ def resolve_input_dir(input_dir: str) -> Path:
         ) from None
 
 
-def _check_input(input_dir: Path) -> tuple[dict, int, list[Path]]:
-    """Validate the input; returns (config, n_bpe, weight files). Raises ExtensionError."""
+def _check_input(input_dir: Path) -> tuple[dict, int, dict[str, int], list[Path], dict, dict]:
+    """Validate the input; returns (config, n_bpe, special-token table, weight files, tokenizer.json and
+    tokenizer_config.json contents). Raises ExtensionError."""
     try:
         config = read_llama_config(input_dir)
     except ModelDirError as err:
@@ -113,13 +111,21 @@ def _check_input(input_dir: Path) -> tuple[dict, int, list[Path]]:
     except ModelDirError as err:
         raise ExtensionError(str(err)) from None
     n_bpe = count_bpe_ranks(input_dir / TIKTOKEN_FILE)
-    expected = n_bpe + N_LLAMA3_SPECIAL
+    tokenizer_json = read_model_json(input_dir / "tokenizer.json")
+    tokenizer_config = read_model_json(input_dir / "tokenizer_config.json")
+    try:
+        check_not_extended(tokenizer_json, str(input_dir / "tokenizer.json"))
+        table = specials.special_tokens_of(tokenizer_json, tokenizer_config, n_bpe, str(input_dir))
+    except (VocabError, specials.SpecialTokenError) as err:
+        raise ExtensionError(str(err)) from None
+    expected = n_bpe + len(table)
     if config.get("vocab_size") != expected:
         raise ExtensionError(
-            f"{input_dir / 'config.json'}: vocab_size is {config.get('vocab_size')}, but a base Llama 3 vocabulary "
-            f"from {TIKTOKEN_FILE} ({n_bpe} ranks) has {expected}: already extended or not a Llama 3 tokenizer"
+            f"{input_dir / 'config.json'}: vocab_size is {config.get('vocab_size')}, but the base vocabulary "
+            f"({n_bpe} ranks in {TIKTOKEN_FILE} + {len(table)} special tokens) has {expected}: already extended, "
+            "or the files belong to different models"
         )
-    return config, n_bpe, files
+    return config, n_bpe, table, files, tokenizer_json, tokenizer_config
 
 
 def _find_entries(files: list[Path]) -> dict[str, tuple[Path, TensorEntry]]:
@@ -130,48 +136,6 @@ def _find_entries(files: list[Path]) -> dict[str, tuple[Path, TensorEntry]]:
             if entry.name in (EMBED, LM_HEAD):
                 found[entry.name] = (path, entry)
     return found
-
-
-def fit_and_sample(
-    path: Path, entry: TensorEntry, n_fit_rows: int, n_new: int, init: str, generator: torch.Generator
-) -> torch.Tensor:
-    """New rows for a (vocab, hidden) matrix fitted to its first `n_fit_rows` rows, in its dtype.
-
-    One streaming pass: the mean is exact; the covariance comes from a seeded sample of at most
-    `_COV_ROWS_PER_DIM * hidden` rows (all rows when fewer): 32k rows for a 1B model, a ~3 s fit
-    instead of ~7 s for the full 128k-row Gram matrix. Fewer rows (8 per dimension) measurably hurt:
-    the demo's tiny model reached 41% instead of 9% WER with the same training.
-    """
-    hidden = entry.shape[1]
-    fit_cov = init == "multivariate_normal"
-    n_cov = min(n_fit_rows, _COV_ROWS_PER_DIM * hidden)
-    cov_rows = torch.randperm(n_fit_rows, generator=generator)[:n_cov].sort().values if fit_cov else None
-    sampled = torch.empty(n_cov if fit_cov else 0, hidden, dtype=entry.torch_dtype)
-    total = torch.zeros(hidden, dtype=torch.float64)
-    with open(path, "rb") as f:
-        filled = 0
-        for start in range(0, n_fit_rows, _FIT_CHUNK_ROWS):
-            stop = min(start + _FIT_CHUNK_ROWS, n_fit_rows)
-            rows = read_tensor_rows(f, entry, start, stop)
-            total += rows.float().sum(0).double()  # fp32 within a chunk, fp64 across chunks
-            if fit_cov:
-                lo, hi = torch.searchsorted(cov_rows, torch.tensor([start, stop])).tolist()
-                sampled[filled : filled + hi - lo] = rows[cov_rows[lo:hi] - start]
-                filled += hi - lo
-    mean = total / n_fit_rows
-    if not fit_cov:
-        return mean.to(entry.torch_dtype).expand(n_new, hidden).clone()
-    centered = sampled.float()
-    centered -= centered.mean(0)
-    cov = (centered.T @ centered).double() / n_cov
-    cov = (cov + cov.T) / 2
-    jitter = 1e-10 * cov.diagonal().mean() * torch.eye(hidden, dtype=cov.dtype)
-    factor, info = torch.linalg.cholesky_ex(cov + jitter)
-    if info.item() != 0:  # rank-deficient (fewer rows than dimensions): sample in the spanned subspace
-        eigvals, eigvecs = torch.linalg.eigh(cov)
-        factor = eigvecs * eigvals.clamp(min=0).sqrt()
-    z = torch.randn(n_new, hidden, generator=generator)
-    return (mean.float() + z @ factor.float().T).to(entry.torch_dtype)
 
 
 def extend_model_dir(
@@ -196,7 +160,7 @@ def extend_model_dir(
     if init not in INIT_METHODS:
         raise ExtensionError(f"--init must be one of {INIT_METHODS}, got {init!r}")
     input_dir = Path(input_dir)
-    config, n_bpe, files = _check_input(input_dir)
+    config, n_bpe, table, files, tokenizer_json, tokenizer_config = _check_input(input_dir)
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir(input_dir, n_new_dsus)
     if output_dir.resolve() == input_dir.resolve() or input_dir.resolve() in output_dir.resolve().parents:
         raise ExtensionError(f"output directory {output_dir} must not be the input directory or inside it")
@@ -204,11 +168,9 @@ def extend_model_dir(
         raise ExtensionError(f"output directory {output_dir} already exists; pass --overwrite to replace it")
 
     base_name = _base_model_name(input_dir)
-    vocab = SpeechVocab(n_bpe, n_new_dsus, modality_tokens, base_name, dsu_encoder, frame_rate)
+    vocab = SpeechVocab(n_bpe, n_new_dsus, modality_tokens, base_name, dsu_encoder, frame_rate, table)
     try:
-        tokenizer_json, tokenizer_config = extend_hf_tokenizer(
-            read_model_json(input_dir / "tokenizer.json"), read_model_json(input_dir / "tokenizer_config.json"), vocab
-        )
+        tokenizer_json, tokenizer_config = extend_hf_tokenizer(tokenizer_json, tokenizer_config, vocab)
     except ValueError as err:
         raise ExtensionError(f"{input_dir / 'tokenizer.json'}: {err}") from None
     matrices = _find_entries(files)
@@ -216,16 +178,16 @@ def extend_model_dir(
     n_new = vocab.vocab_size - vocab.base_vocab_size
 
     t0 = time.perf_counter()
-    # The fit runs beside the copy of every unchanged tensor (torch and copy_file_range both release the
-    # GIL); the extended matrices are written last, once their new rows exist.
+    # The fit runs beside the copy of every unchanged tensor (numpy's BLAS and copy_file_range both release
+    # the GIL); the extended matrices are written last, once their new rows exist.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        new_rows = pool.submit(_new_rows, matrices, config, n_bpe, n_new, init, seed)
+        rows = pool.submit(_new_rows, matrices, config, n_bpe, n_new, init, seed)
         with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
             _copy_side_files(input_dir, tmp)
-            write_json(tmp / "tokenizer.json", tokenizer_json)
+            write_json(tmp / "tokenizer.json", tokenizer_json, indent=None)  # 10+ MB: the fast compact form
             write_json(tmp / "tokenizer_config.json", tokenizer_config)
             _write_configs(input_dir, tmp, config, vocab)
-            _write_weights(files, tmp, set(matrices), new_rows, n_new, progress)
+            _write_weights(files, tmp, set(matrices), rows, n_new, progress)
             vocab.save(tmp, extra={"extension": {"init": init, "seed": seed, "n_new_rows": n_new}})
     log.info(
         "wrote %s (vocab %d -> %d) in %.1fs",
@@ -239,18 +201,19 @@ def extend_model_dir(
 
 def _new_rows(
     matrices: dict[str, tuple[Path, TensorEntry]], config: dict, n_bpe: int, n_new: int, init: str, seed: int
-) -> dict[str, torch.Tensor]:
-    """The rows appended to the input embedding and, when present, the output head."""
+) -> dict[str, bytes]:
+    """The bytes of the rows appended to the input embedding and, when present, the output head."""
     t0 = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
-    rows: dict[str, torch.Tensor] = {}
+    rng = np.random.default_rng(seed)
+    rows: dict[str, bytes] = {}
     for name in (EMBED, LM_HEAD):
         if name not in matrices:
             continue
         if name == LM_HEAD and config.get("tie_word_embeddings", False):
             rows[name] = rows[EMBED]  # tied weights stored twice stay equal
         else:
-            rows[name] = fit_and_sample(*matrices[name], n_bpe, n_new, init, generator)
+            path, entry = matrices[name]
+            rows[name] = f32_to_bytes(new_rows(path, entry, n_bpe, n_new, init, rng), entry.dtype)
     log.info("fitted %s init for %d new rows in %.1fs", init, n_new, time.perf_counter() - t0)
     return rows
 
@@ -298,7 +261,7 @@ def _write_configs(input_dir: Path, out: Path, config: dict, vocab: SpeechVocab)
     write_json(out / "generation_config.json", gen)
     special_map_path = input_dir / "special_tokens_map.json"
     special_map = read_model_json(special_map_path) if special_map_path.is_file() else {}
-    for key, token in (("bos_token", "<|begin_of_text|>"), ("eos_token", "<|end_of_text|>")):
+    for key, token in (("bos_token", specials.BOS), ("eos_token", specials.EOS)):
         special_map.setdefault(key, token)
     write_json(out / "special_tokens_map.json", special_map)
     params_path = input_dir / "original" / "params.json"
@@ -306,13 +269,11 @@ def _write_configs(input_dir: Path, out: Path, config: dict, vocab: SpeechVocab)
         write_json(out / "original" / "params.json", {**read_model_json(params_path), "vocab_size": vocab.vocab_size})
 
 
-def _write_weights(
-    files: list[Path], out: Path, extended: set[str], new_rows: Future, n_new: int, progress: bool
-) -> None:
-    """Copy every shard, appending `new_rows.result()[name]` to each matrix named in `extended`.
+def _write_weights(files: list[Path], out: Path, extended: set[str], rows: Future, n_new: int, progress: bool) -> None:
+    """Copy every shard, appending `rows.result()[name]` to each matrix named in `extended`.
     Extended matrices go last in their shard, so everything else is written while the fit runs."""
     total_bytes = sum(f.stat().st_size for f in files)
-    added_bytes = 0
+    added_bytes, waited, t0 = 0, 0.0, time.perf_counter()
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing weights", disable=not progress) as bar:
         for path in files:
             entries, metadata = read_safetensors_header(path)
@@ -324,13 +285,24 @@ def _write_weights(
             with open(path, "rb") as src:
 
                 def write(i: int, dst: BinaryIO, src: BinaryIO = src, entries: list = entries) -> None:
+                    nonlocal waited
                     entry = entries[i]
                     copy_byte_range(src, dst, entry.start, entry.nbytes)
                     if entry.name in extended:
-                        dst.write(new_rows.result()[entry.name].contiguous().view(torch.uint8).numpy().tobytes())
+                        before = time.perf_counter()
+                        dst.write(rows.result()[entry.name])
+                        waited += time.perf_counter() - before
                     bar.update(entry.nbytes)
 
                 added_bytes += write_safetensors(out / path.name, layout, write, metadata)
+    elapsed = time.perf_counter() - t0
+    log.info(
+        "wrote %.2f GB of weights in %.1fs (%.2f GB/s), %.1fs of it waiting for the new rows",
+        total_bytes / 1e9,
+        elapsed,
+        total_bytes / 1e9 / elapsed,
+        waited,
+    )
     if (files[0].parent / SAFETENSORS_INDEX).is_file():
         index = read_model_json(files[0].parent / SAFETENSORS_INDEX)
         index.setdefault("metadata", {})["total_size"] = added_bytes

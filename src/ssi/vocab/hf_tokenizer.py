@@ -16,7 +16,6 @@ from ssi.vocab.layout import (
     SpeechVocab,
     VocabError,
     dsu_to_char,
-    llama3_special_tokens,
 )
 
 
@@ -44,35 +43,33 @@ def new_added_tokens(vocab: SpeechVocab) -> list[dict[str, Any]]:
     return tokens
 
 
-def check_base_hf_tokenizer(tokenizer_json: dict[str, Any], n_bpe: int, source: str) -> None:
-    """Refuse a tokenizer.json that does not have the base Llama 3 layout for `n_bpe` ranks."""
+def check_not_extended(tokenizer_json: dict[str, Any], source: str) -> None:
+    """Refuse a tokenizer.json that already has DSU characters or modality tokens."""
+    added = [t["content"] for t in tokenizer_json.get("added_tokens", [])]
+    if any(t in (MODALITY_TEXT, MODALITY_SPEECH) or (t and t[0] >= chr(DSU_CHAR_OFFSET)) for t in added):
+        raise VocabError(f"{source}: already contains DSU or modality tokens (is the input already extended?)")
+
+
+def check_base_hf_tokenizer(tokenizer_json: dict[str, Any], vocab: SpeechVocab, source: str) -> None:
+    """Refuse a tokenizer.json that is not the base of `vocab`: another BPE size, DSU or modality tokens
+    already present, or added tokens other than the special-token table the manifest records."""
     model = tokenizer_json.get("model", {})
-    if model.get("type") != "BPE" or len(model.get("vocab", {})) != n_bpe:
+    if model.get("type") != "BPE" or len(model.get("vocab", {})) != vocab.n_bpe:
         raise VocabError(
-            f"{source}: expected a BPE model with {n_bpe} entries (as in original/tokenizer.model), "
+            f"{source}: expected a BPE model with {vocab.n_bpe} entries (as in original/tokenizer.model), "
             f"found type={model.get('type')!r} with {len(model.get('vocab', {}))} entries"
         )
-    expected = llama3_special_tokens(n_bpe)
+    check_not_extended(tokenizer_json, source)
     added = {t["content"]: t["id"] for t in tokenizer_json.get("added_tokens", [])}
-    extra = set(added) - set(expected)
-    if any(t in added for t in (MODALITY_TEXT, MODALITY_SPEECH)) or any(
-        content and content[0] >= chr(DSU_CHAR_OFFSET) for content in extra
-    ):
-        raise VocabError(f"{source}: already contains DSU or modality tokens (is the input already extended?)")
-    wrong = {name: added.get(name) for name, i in expected.items() if added.get(name) != i}
-    if wrong or extra:
-        sample = dict(list(wrong.items())[:3]) or sorted(extra)[:3]
-        raise VocabError(
-            f"{source}: added tokens do not follow the Llama 3 special-token layout from id {n_bpe} "
-            f"(first differences: {sample})"
-        )
+    if added != dict(vocab.special_tokens or {}):
+        raise VocabError(f"{source}: its added tokens are not the special-token table of the vocabulary")
 
 
 def extend_hf_tokenizer(
     tokenizer_json: dict[str, Any], tokenizer_config: dict[str, Any], vocab: SpeechVocab
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return extended copies of tokenizer.json and tokenizer_config.json contents."""
-    check_base_hf_tokenizer(tokenizer_json, vocab.n_bpe, "tokenizer.json")
+    check_base_hf_tokenizer(tokenizer_json, vocab, "tokenizer.json")
     tokens = new_added_tokens(vocab)
     tokenizer_json = {**tokenizer_json, "added_tokens": [*tokenizer_json["added_tokens"], *tokens]}
     decoder = dict(tokenizer_config.get("added_tokens_decoder", {}))

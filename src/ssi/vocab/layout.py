@@ -3,18 +3,19 @@
 An extended vocabulary is, in id order::
 
     0 .. B-1                 base BPE ranks (B = number of ranks in original/tokenizer.model)
-    B .. B+255               the 256 Llama 3 special tokens
-    B+256 .. B+256+N-1       DSU i, written in text as chr(0xF0000 + i)
-    B+256+N, B+256+N+1       <extra_id_MM_TEXT>, <extra_id_MM_SPEECH> (optional)
+    B .. B+S-1               the base's S special tokens (S = 256 in every Llama 3 release), named as
+                             the base's own files name them (ssi.vocab.specials)
+    B+S .. B+S+N-1           DSU i, written in text as chr(0xF0000 + i)
+    B+S+N, B+S+N+1           <extra_id_MM_TEXT>, <extra_id_MM_SPEECH> (optional)
 
 `SpeechVocab` is that layout for one model; it is stored as `ssi.json` in every model directory so
-that no tool needs `n_dsus` repeated by hand. It is the one owner of DSU id arithmetic: every conversion
-between units, their characters and their token ids goes through it.
+that no tool needs `n_dsus` or a special-token table repeated by hand. It is the one owner of DSU id
+arithmetic: every conversion between units, their characters and their token ids goes through it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,14 @@ import numpy as np
 
 from ssi.files import FileFormatError, read_json, write_json
 from ssi.hf_dir import MANIFEST_NAME
+from ssi.vocab import specials
 
 DSU_CHAR_OFFSET = 0xF0000  # Supplementary Private Use Area-A
 MAX_DSUS = 65534  # U+F0000 .. U+FFFFD (U+FFFFE/U+FFFFF are noncharacters)
 MODALITY_TEXT = "<extra_id_MM_TEXT>"
 MODALITY_SPEECH = "<extra_id_MM_SPEECH>"
-N_LLAMA3_SPECIAL = 256
-MANIFEST_FORMAT = 1
+N_LLAMA3_SPECIAL = 256  # special tokens of every Llama 3 release, for layouts built without a table (tests)
+MANIFEST_FORMAT = 2  # 2 records the base's special-token table; 1 (earlier ssi) is read from tokenizer.json
 
 
 class VocabError(ValueError):
@@ -69,32 +71,12 @@ def count_bpe_ranks(path: str | Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def llama3_special_tokens(n_bpe: int) -> dict[str, int]:
-    """The 256 Llama 3.1/3.2 special tokens, numbered from the size of the BPE file.
-
-    Names and order follow the tokenizer.json of the published Llama 3.2 checkpoints, so the
-    tiktoken path and the HF path agree on every special id.
-    """
-    named = [
-        "<|begin_of_text|>",
-        "<|end_of_text|>",
-        "<|reserved_special_token_0|>",
-        "<|reserved_special_token_1|>",
-        "<|finetune_right_pad_id|>",
-        "<|reserved_special_token_2|>",
-        "<|start_header_id|>",
-        "<|end_header_id|>",
-        "<|eom_id|>",
-        "<|eot_id|>",
-        "<|python_tag|>",
-    ]
-    reserved = [f"<|reserved_special_token_{3 + k}|>" for k in range(N_LLAMA3_SPECIAL - len(named))]
-    return {name: n_bpe + offset for offset, name in enumerate(named + reserved)}
-
-
 @dataclass(frozen=True)
 class SpeechVocab:
-    """The extended vocabulary of one model: where DSUs and modality tokens live."""
+    """The extended vocabulary of one model: where DSUs and modality tokens live, and its special tokens.
+
+    `special_tokens` is the base's own name -> id table (`ssi.vocab.specials`); without it (a layout built
+    by hand, e.g. in tests) only id ranges are known, assuming the 256 specials of every Llama 3 release."""
 
     n_bpe: int
     n_dsus: int
@@ -102,18 +84,29 @@ class SpeechVocab:
     base_model: str | None = None
     dsu_encoder: str | None = None
     frame_rate: float | None = None
+    special_tokens: Mapping[str, int] | None = None
 
     def __post_init__(self) -> None:
         if self.n_bpe <= 0:
             raise VocabError(f"n_bpe must be positive, got {self.n_bpe}")
         if not 0 < self.n_dsus <= MAX_DSUS:
             raise VocabError(f"n_dsus must be in [1, {MAX_DSUS}], got {self.n_dsus}")
+        if self.special_tokens is not None:
+            try:
+                table = specials.check_block(self.special_tokens, self.n_bpe, "special_tokens")
+            except specials.SpecialTokenError as err:
+                raise VocabError(str(err)) from None
+            object.__setattr__(self, "special_tokens", table)
 
     # --- id ranges -------------------------------------------------------------------------
     @property
+    def n_special(self) -> int:
+        return len(self.special_tokens) if self.special_tokens is not None else N_LLAMA3_SPECIAL
+
+    @property
     def base_vocab_size(self) -> int:
-        """Size of the unextended vocabulary: BPE ranks plus the Llama 3 special tokens."""
-        return self.n_bpe + N_LLAMA3_SPECIAL
+        """Size of the unextended vocabulary: BPE ranks plus the special tokens."""
+        return self.n_bpe + self.n_special
 
     @property
     def dsu_start(self) -> int:
@@ -136,9 +129,27 @@ class SpeechVocab:
     def vocab_size(self) -> int:
         return self.dsu_end + (2 if self.modality_tokens else 0)
 
+    def special_id(self, name: str) -> int:
+        """The id of a special token by name (`<|end_of_text|>`...), as the base's files named it."""
+        table = self._table()
+        if name not in table:
+            raise VocabError(f"this vocabulary has no special token {name} (base {self.base_model})")
+        return table[name]
+
     @property
-    def special_tokens(self) -> dict[str, int]:
-        return llama3_special_tokens(self.n_bpe)
+    def stop_token_ids(self) -> list[int]:
+        """Generation stops on these: `<|end_of_text|>`, `<|eot_id|>`, `<|eom_id|>` where the base has them."""
+        table = self._table()
+        return [table[name] for name in specials.stop_names(table)]
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._table()[specials.pad_name(self._table())]
+
+    def _table(self) -> Mapping[str, int]:
+        if self.special_tokens is None:
+            raise VocabError("this vocabulary was built without the base's special-token table")
+        return self.special_tokens
 
     @property
     def modality_token_ids(self) -> dict[str, int]:
@@ -200,12 +211,16 @@ class SpeechVocab:
     def to_manifest(self) -> dict[str, Any]:
         ranges = {
             "bpe": [0, self.n_bpe],
-            "llama3_special": [self.n_bpe, self.base_vocab_size],
+            "special": [self.n_bpe, self.base_vocab_size],
             "dsu": [self.dsu_start, self.dsu_end],
         }
+        table = self._table()
         return {
             "format_version": MANIFEST_FORMAT,
             **asdict(self),
+            "special_tokens": dict(table),
+            "stop_tokens": specials.stop_names(table),
+            "pad_token": specials.pad_name(table),
             "dsu_char_offset": DSU_CHAR_OFFSET,
             "id_ranges": ranges,
             "modality_token_ids": self.modality_token_ids,
@@ -219,18 +234,27 @@ class SpeechVocab:
         return path
 
     @classmethod
-    def from_manifest(cls, data: dict[str, Any], source: str = MANIFEST_NAME) -> SpeechVocab:
-        if data.get("format_version") != MANIFEST_FORMAT:
-            raise VocabError(f"{source}: unsupported format_version {data.get('format_version')!r}")
+    def from_manifest(
+        cls, data: dict[str, Any], source: str = MANIFEST_NAME, special_tokens: Mapping[str, int] | None = None
+    ) -> SpeechVocab:
+        """The vocabulary an `ssi.json` describes; a format-1 manifest (no special-token table) needs the
+        table from elsewhere (`load` reads it from the directory's tokenizer.json)."""
+        version = data.get("format_version")
+        if version not in (1, MANIFEST_FORMAT):
+            raise VocabError(f"{source}: unsupported format_version {version!r}")
         missing = [k for k in ("n_bpe", "n_dsus", "modality_tokens") if k not in data]
         if missing:
             raise VocabError(f"{source}: missing keys {missing}")
         fields = {k: data.get(k) for k in cls.__dataclass_fields__}
+        if version == 1:
+            fields["special_tokens"] = special_tokens
+        elif not isinstance(fields["special_tokens"], dict):
+            raise VocabError(f"{source}: format_version 2 needs the special_tokens table (name -> id)")
         vocab = cls(**fields)
         if data.get("vocab_size", vocab.vocab_size) != vocab.vocab_size:
             raise VocabError(
                 f"{source}: vocab_size {data['vocab_size']} does not match the layout "
-                f"({vocab.n_bpe} BPE + 256 special + {vocab.n_dsus} DSUs"
+                f"({vocab.n_bpe} BPE + {vocab.n_special} special + {vocab.n_dsus} DSUs"
                 f"{' + 2 modality tokens' if vocab.modality_tokens else ''} = {vocab.vocab_size})"
             )
         return vocab
@@ -246,10 +270,15 @@ class SpeechVocab:
                 "(create one with scripts/extend_llama3_2.py)"
             )
         try:
-            vocab = cls.from_manifest(read_json(path), source=str(path))
+            data = read_json(path)
+            table = None
+            if data.get("format_version") == 1 and isinstance(data.get("n_bpe"), int):
+                limit = data["n_bpe"] + N_LLAMA3_SPECIAL  # format 1 always had 256 specials before the DSUs
+                table = specials.read_special_tokens(model_dir, data["n_bpe"], limit=limit)
+            vocab = cls.from_manifest(data, source=str(path), special_tokens=table)
             config_path = model_dir / "config.json"
             config_vocab = read_json(config_path).get("vocab_size") if check_config else vocab.vocab_size
-        except FileFormatError as err:
+        except (FileFormatError, specials.SpecialTokenError) as err:
             raise VocabError(str(err)) from None
         if config_vocab != vocab.vocab_size:
             raise VocabError(

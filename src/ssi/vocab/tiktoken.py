@@ -16,15 +16,8 @@ from torchtune.models.llama3._tokenizer import CL100K_PATTERN, Llama3Tokenizer
 from torchtune.modules.transforms.tokenizers import TikTokenBaseTokenizer
 
 from ssi.hf_dir import TIKTOKEN_FILE
-from ssi.vocab.layout import (
-    DSU_CHAR_OFFSET,
-    MAX_DSUS,
-    SpeechVocab,
-    VocabError,
-    count_bpe_ranks,
-    dsu_to_char,
-    llama3_special_tokens,
-)
+from ssi.vocab import specials
+from ssi.vocab.layout import DSU_CHAR_OFFSET, MAX_DSUS, SpeechVocab, VocabError, count_bpe_ranks, dsu_to_char
 
 _DSU_CLASS = f"[{chr(DSU_CHAR_OFFSET)}-{chr(DSU_CHAR_OFFSET + MAX_DSUS - 1)}]"
 # Everything that may be a single added token: Llama special strings, modality tokens, DSU runs.
@@ -33,10 +26,11 @@ _ADDED_TOKEN_PATTERN = re.compile(rf"<\|[a-z0-9_]+\|>|<extra_id_MM_(?:TEXT|SPEEC
 
 
 class SpeechLlama3Tokenizer(Llama3Tokenizer):
-    """Llama 3 tiktoken tokenizer over an extended vocabulary (`vocab=None`: the base vocabulary).
+    """Llama 3 tiktoken tokenizer over an extended vocabulary, or over a base vocabulary given its
+    special-token table (`special_tokens`, read from the base's files by `load_base_tokenizer`).
 
     Special-token strings in text are encoded as their special ids, as the HF tokenizer does, so the
-    two paths agree on every string.
+    two paths agree on every string. Special ids come from the table by name, never from a fixed list.
     """
 
     def __init__(
@@ -45,24 +39,29 @@ class SpeechLlama3Tokenizer(Llama3Tokenizer):
         vocab: SpeechVocab | None = None,
         max_seq_len: int | None = None,
         prompt_template: PromptTemplate | None = None,
+        *,
+        special_tokens: dict[str, int] | None = None,
     ) -> None:
-        # Llama3Tokenizer.__init__ is not called: it insists on torchtune's vision-era names
-        # (<|step_id|>, <|image|> = B+256) that differ from the published Llama 3.2 tokenizer and
-        # collide with the first DSU id. Every attribute its methods use is set here instead.
+        # Llama3Tokenizer.__init__ is not called: it insists on torchtune's own special-token names
+        # (<|step_id|>, <|image|> = B+256) that differ from most published Llama 3 tokenizers and collide
+        # with the first DSU id. Every attribute its methods use is set here instead.
         n_bpe = count_bpe_ranks(path)
         if vocab is not None and vocab.n_bpe != n_bpe:
             raise VocabError(f"{path} has {n_bpe} BPE ranks but the manifest says n_bpe={vocab.n_bpe}")
+        table = vocab.special_tokens if vocab is not None else special_tokens
+        if table is None:
+            raise VocabError(f"{path}: the special-token table is needed (the manifest's, or the base's files')")
         self.vocab = vocab
-        self.special_tokens = llama3_special_tokens(n_bpe)
-        self.bos_id = self.special_tokens["<|begin_of_text|>"]
-        self.eos_id = self.special_tokens["<|end_of_text|>"]
-        self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
-        self.start_header_id = self.special_tokens["<|start_header_id|>"]
-        self.end_header_id = self.special_tokens["<|end_header_id|>"]
-        self.eot_id = self.special_tokens["<|eot_id|>"]
-        self.eom_id = self.special_tokens["<|eom_id|>"]
-        self.python_tag = self.special_tokens["<|python_tag|>"]
-        self.stop_tokens = [self.eos_id, self.eot_id, self.eom_id]
+        self.special_tokens = dict(table)
+        self.bos_id = table[specials.BOS]
+        self.eos_id = table[specials.EOS]
+        self.pad_id = table[specials.pad_name(table)]
+        self.start_header_id = table["<|start_header_id|>"]
+        self.end_header_id = table["<|end_header_id|>"]
+        self.eot_id = table["<|eot_id|>"]
+        self.eom_id = table.get("<|eom_id|>")  # Llama 3.0 has none
+        self.python_tag = table.get("<|python_tag|>")
+        self.stop_tokens = [table[name] for name in specials.stop_names(table)]
         self.tt_model = TikTokenBaseTokenizer(
             path=str(path),
             name="ssi_llama3_tiktoken",
@@ -146,6 +145,17 @@ class SpeechLlama3Tokenizer(Llama3Tokenizer):
             pieces.append(self.tt_model.tt_model.decode(run))
         text = "".join(pieces)
         return self._remove_special_tokens(text) if skip_special_tokens else text
+
+
+def load_base_tokenizer(model_dir: str | Path) -> SpeechLlama3Tokenizer:
+    """The tiktoken-path tokenizer of a base (unextended) Llama 3 directory, special tokens from its files."""
+    model_dir = Path(model_dir)
+    n_bpe = count_bpe_ranks(model_dir / TIKTOKEN_FILE)
+    try:
+        table = specials.read_special_tokens(model_dir, n_bpe)
+    except specials.SpecialTokenError as err:
+        raise VocabError(str(err)) from None
+    return SpeechLlama3Tokenizer(model_dir / TIKTOKEN_FILE, special_tokens=table)
 
 
 def load_tokenizer(
