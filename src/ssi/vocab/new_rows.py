@@ -37,9 +37,7 @@ def sample_rows(path: Path, entry: TensorEntry, n_fit_rows: int, n_new: int, rng
     sample = read_rows_f32(path, entry, int(rng.integers(stride)), n_fit_rows, step=stride)
     mean = sample.mean(0, dtype=np.float64).astype(np.float32)
     centered = sample - mean
-    cov = (centered.T @ centered) / np.float32(len(sample))
-    cov = (cov + cov.T) / 2
-    cov = cov.astype(np.float64)
+    cov = ((centered.T @ centered) / np.float32(len(sample))).astype(np.float64)  # Cholesky reads one triangle
     jitter = 1e-10 * float(np.mean(np.diag(cov)))
     try:
         factor = np.linalg.cholesky(cov + jitter * np.eye(hidden)).astype(np.float32)
