@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,27 @@ def data_config(preset: str, *overrides: str) -> dict:
     return to_container(cfg.data)
 
 
+TEST_SETS = ("librispeech_test_clean", "librispeech_test_other", "voxpopuli_en", "fleurs_en", "common_voice_en")
+TEST_SET_ENCODERS = {"hubert_large_l22": "mls_hubert_large_l22", "mimi_srvq0": "mls_mimi_srvq0"}
+TEST_SET_PRESETS = sorted(f"{s}_{e}" for s in TEST_SETS for e in TEST_SET_ENCODERS)
+
+
 def test_every_preset_exists_for_cpt_and_sft() -> None:
     assert set(PRESETS) == set(FRAME_RATES)
     sft = sorted(p.stem for p in (CONF / "data" / "sft").glob("*.yaml"))
-    assert sft == PRESETS
+    assert sft == sorted(PRESETS + TEST_SET_PRESETS)  # SFT alone has the ASR test sets
+
+
+@pytest.mark.parametrize("test_set", TEST_SETS)
+@pytest.mark.parametrize("encoder", sorted(TEST_SET_ENCODERS))
+def test_test_set_presets_read_the_encoded_folder_and_train_on_mls(test_set: str, encoder: str) -> None:
+    preset = f"{test_set}_{encoder}"
+    data = data_config(f"sft/{preset}")
+    mls = data_config(f"sft/{TEST_SET_ENCODERS[encoder]}")
+    assert data["test"]["dataset"] == {**mls["test"]["dataset"], "source": f"data/encoded/{preset}", "split": "test"}
+    assert {k: v for k, v in data.items() if k != "test"} == {k: v for k, v in mls.items() if k != "test"}
+    text = (CONF / "data" / "sft" / f"{preset}.yaml").read_text()
+    assert f"output_dir=data/encoded/{preset}" in text and "scripts/encode_audio.py encoder=" in text
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -100,3 +118,20 @@ def test_preset_encoder_must_fit_the_model(tiny_extended_dir: Path, synthetic_co
     cfg = data_config("cpt/mls_hubert_large_l22", f"data.train.dataset.source={synthetic_corpus_dir}")
     with pytest.raises(DataValidationError, match="5000 units but the model manifest has n_dsus=300"):
         build_dataset(cfg, "train", tok)
+
+
+def test_interleaved_cpt_refuses_data_without_word_alignments(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    tok = load_tokenizer(tiny_extended_dir)
+    rows = [{"ID": f"u{i}", "transcript": "the cat sat", "speech_tokens": [i % 9] * 40} for i in range(8)]
+    path = tmp_path / "asr.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = f"data.train.dataset.source={path}"
+    for overrides in ([], ["+data.sequence.mixture={interleaved: 0.5, dsu_only: 0.5}", "data.sequence.type=mixture"]):
+        with pytest.raises(DataValidationError, match=r"has no word alignments .* which interleaved CPT needs"):
+            build_dataset(data_config("cpt/synthetic", src, *overrides), "train", tok)
+    concatenated = data_config("cpt/synthetic", src, "data.sequence.type=concatenated_txt_dsu")
+    assert len(build_dataset(concatenated, "train", tok).dataset) == 8
+    no_interleaved = ["data.sequence.type=mixture", "+data.sequence.mixture={interleaved: 0, dsu_only: 1}"]
+    assert build_dataset(data_config("cpt/synthetic", src, *no_interleaved), "train", tok).dataset[0]["tokens"]
+    sft = build_dataset(data_config("sft/synthetic", src), "train", tok)
+    assert len(sft.dataset) == 8 and sft.report.n_words == 24

@@ -14,6 +14,7 @@ from ssi.data.sources import (
     DataValidationError,
     Encoder,
     SourceSpec,
+    has_alignments,
     load_source,
     source_kind,
     validate_dataset,
@@ -203,3 +204,42 @@ def test_encoder_frame_rate_and_manifest_checks() -> None:
         Encoder("hubert", 5000, 16000, 320).check_vocab(vocab)
     with pytest.raises(DataValidationError, match=r"runs at 12.5 Hz but the model manifest records frame_rate=50.0"):
         Encoder("mimi", 256, 24000, 1920).check_vocab(vocab)
+
+
+# --- data without word alignments (ASR test sets) and sharded folders -----------------------------
+
+
+def _unaligned(i: int, **overrides) -> dict:
+    return {k: v for k, v in row(i, **overrides).items() if k not in COLS.alignment()}
+
+
+def test_sources_without_word_alignments_load_and_validate(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "asr.jsonl", [_unaligned(0), _unaligned(1, transcript="  ", speech_tokens=[1]), _unaligned(2)]
+    )
+    ds = load_source(SourceSpec(str(path)), COLS)
+    assert ds.column_names == COLS.required() and not has_alignments(ds, COLS)
+    checked, report = validate_dataset(ds, COLS, n_dsus=100, fps=50.0)
+    assert checked["ID"] == ["utt0", "utt2"] and report.skipped == {"empty text": 1} and report.n_words == 4
+    with pytest.raises(DataValidationError, match=r"sample 'utt9' \(row 0\), column 'speech_tokens': DSU id 100"):
+        validate_dataset(rows_dataset([_unaligned(9, speech_tokens=[100])]), COLS, n_dsus=100, fps=50.0)
+    partial = write_jsonl(tmp_path / "partial.jsonl", [{**_unaligned(0), "tokenized": ["the", "cat"]}])
+    with pytest.raises(
+        DataValidationError, match=r"missing column\(s\) \['aligned_token_start_time', 'aligned_token_end_time'\]"
+    ):
+        load_source(SourceSpec(str(partial)), COLS)
+
+
+def test_a_sharded_folder_is_read_only_when_every_shard_is_there(tmp_path: Path) -> None:
+    data = tmp_path / "encoded" / "data"
+    data.mkdir(parents=True)
+    rows_dataset([row(0), row(1)]).to_parquet(str(data / "test-00000-of-00002.parquet"))
+    rows_dataset([row(5)]).to_parquet(str(data / "train-00000-of-00001.parquet"))
+    with pytest.raises(DataValidationError, match=r"split 'test' has 1 of 2 shards \(missing \[1\]\)"):
+        load_source(SourceSpec(str(tmp_path / "encoded"), split="test"), COLS)
+    assert load_source(SourceSpec(str(tmp_path / "encoded"), split="train"), COLS)["ID"] == ["utt5"]
+    rows_dataset([row(2)]).to_parquet(str(data / "test-00001-of-00002.parquet"))
+    assert load_source(SourceSpec(str(tmp_path / "encoded"), split="test"), COLS)["ID"] == ["utt0", "utt1", "utt2"]
+    rows_dataset([row(3)]).to_parquet(str(data / "test-00000-of-00003.parquet"))
+    with pytest.raises(DataValidationError, match=r"split 'test' has shard files of \[2, 3\] shards"):
+        load_source(SourceSpec(str(tmp_path / "encoded"), split="test"), COLS)

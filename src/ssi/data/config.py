@@ -19,6 +19,7 @@ from ssi.data.sources import (
     Encoder,
     SourceSpec,
     ValidationReport,
+    has_alignments,
     load_source,
     validate_dataset,
 )
@@ -45,6 +46,13 @@ def encoder_from_config(cfg: Mapping[str, Any]) -> Encoder:
 
 def columns_from_config(cfg: Mapping[str, Any]) -> ColumnNames:
     return ColumnNames(**{k: str(v) for k, v in config_value(cfg, "columns").items()})
+
+
+def needs_alignments(options: CPTOptions) -> bool:
+    """Interleaved sequences cut speech at word times; every other sequence type uses the transcript."""
+    if options.sequence_type == "mixture":
+        return any(kind == "interleaved" and weight > 0 for kind, weight in (options.mixture or {}).items())
+    return options.sequence_type == "interleaved"
 
 
 def cpt_options_from_config(cfg: Mapping[str, Any]) -> CPTOptions:
@@ -104,6 +112,15 @@ def build_dataset(
     )
     validation = config_value(cfg, "validation")
     raw = load_source(spec, columns)
+    if config_value(cfg, "kind") == "cpt" and not has_alignments(raw, columns):
+        options = cpt_options_from_config(cfg)
+        if needs_alignments(options):
+            raise DataValidationError(
+                f"{spec.resolved}[{spec.split}] has no word alignments (columns {columns.alignment()}), which "
+                f"interleaved CPT needs (data.sequence.type={options.sequence_type}"
+                f"{f', mixture {options.mixture}' if options.mixture else ''}): use a concatenated_*, dsu_only or "
+                "text_only sequence type, SFT, or data with word alignments"
+            )
     ds, report = validate_dataset(
         raw,
         columns,
@@ -133,5 +150,6 @@ __all__ = [
     "columns_from_config",
     "cpt_options_from_config",
     "encoder_from_config",
+    "needs_alignments",
     "sft_options_from_config",
 ]

@@ -2,15 +2,18 @@
 
 A source is a hub dataset id, a `save_to_disk` folder, a folder of split-named data files, or local
 jsonl/parquet files (a path or glob; several files merge; `{split}` in the path is replaced by the split
-name). Validation runs once, vectorised over Arrow batches, before any training step: a bad row stops
-the run with the sample id, column and value, instead of surfacing as a silent shift of speech against
-text hours later.
+name). A folder sharded as `data/<split>-<i>-of-<n>.*` (what scripts/encode_audio.py writes) is read only
+once all n shards of the split are there. Word alignments are optional (ASR test sets have none): a source
+has all three alignment columns or none. Validation runs once, vectorised over Arrow batches, before any
+training step: a bad row stops the run with the sample id, column and value, instead of surfacing as a
+silent shift of speech against text hours later.
 """
 
 from __future__ import annotations
 
 import glob
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -47,6 +50,14 @@ class ColumnNames:
 
     def all(self) -> list[str]:
         return [getattr(self, f.name) for f in fields(self)]
+
+    def required(self) -> list[str]:
+        """The columns every source has; the word alignments (`alignment`) are optional."""
+        return [self.id, self.transcript, self.speech]
+
+    def alignment(self) -> list[str]:
+        """Words and their start/end times: only interleaved CPT needs them."""
+        return [self.words, self.start, self.end]
 
 
 @dataclass(frozen=True)
@@ -140,10 +151,16 @@ def source_kind(spec: SourceSpec) -> tuple[SourceKind, list[str]]:
 
 
 def load_source(spec: SourceSpec, columns: ColumnNames) -> datasets.Dataset:
-    """Load one split as a map-style `datasets.Dataset` restricted to the configured columns."""
+    """Load one split as a map-style `datasets.Dataset` restricted to the configured columns (the alignment
+    columns only when the source has them: `has_alignments`)."""
     ds = load_rows(spec)
     check_columns(ds.column_names, columns, spec.resolved)
-    return ds.select_columns(columns.all())
+    return ds.select_columns([c for c in columns.all() if c in ds.column_names])
+
+
+def has_alignments(ds: datasets.Dataset, columns: ColumnNames) -> bool:
+    """Whether a source loaded by `load_source` carries word alignments."""
+    return all(c in ds.column_names for c in columns.alignment())
 
 
 def load_rows(spec: SourceSpec) -> datasets.Dataset:
@@ -155,6 +172,8 @@ def load_rows(spec: SourceSpec) -> datasets.Dataset:
     """
     kind, files = source_kind(spec)
     LOGGER.info("loading %s split %r from %s source %s", spec.resolved, spec.split, kind, files[:3])
+    if kind == "folder":
+        check_shard_set(Path(files[0]), spec.split)
     if kind == "disk":
         loaded = datasets.load_from_disk(files[0])
         if isinstance(loaded, datasets.DatasetDict):
@@ -189,12 +208,37 @@ def _shuffle_and_head(ds: datasets.Dataset, spec: SourceSpec) -> datasets.Datase
 
 
 def check_columns(available: list[str], columns: ColumnNames, source: str) -> None:
-    missing = [c for c in columns.all() if c not in available]
+    """The required columns, and the alignment columns all or none (a partial set is a naming mistake)."""
+    aligned = [c for c in columns.alignment() if c in available]
+    wanted = columns.required() + (columns.alignment() if aligned else [])
+    missing = [c for c in wanted if c not in available]
     if missing:
         raise DataValidationError(
             f"{source}: missing column(s) {missing}; available columns: {sorted(available)} "
             "(set data.columns.* to the names this dataset uses)"
         )
+
+
+_SHARD_FILE = re.compile(r"^(?P<split>\w+(?:\.\w+)*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.\w+$")
+
+
+def check_shard_set(folder: Path, split: str) -> None:
+    """Refuse a split of a `data/<split>-<i>-of-<n>` folder that lacks shards (an encoding still running or
+    interrupted): reading it would silently train or evaluate on part of the data."""
+    counts: dict[int, set[int]] = {}
+    for path in (folder / "data").glob(f"{split}-*-of-*.*"):
+        match = _SHARD_FILE.match(path.name)
+        if match and match["split"] == split:
+            counts.setdefault(int(match["count"]), set()).add(int(match["index"]))
+    if len(counts) > 1:
+        raise DataValidationError(f"{folder}: split {split!r} has shard files of {sorted(counts)} shards; keep one set")
+    for count, present in counts.items():
+        if len(present) != count:
+            absent = sorted(set(range(count)) - present)
+            raise DataValidationError(
+                f"{folder}: split {split!r} has {len(present)} of {count} shards (missing {absent[:5]}"
+                f"{'...' if len(absent) > 5 else ''}); finish the encoding (re-run it: done shards are skipped)"
+            )
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -237,10 +281,10 @@ def validate_dataset(
 ) -> tuple[datasets.Dataset, ValidationReport]:
     """Check every row against the schema; return the dataset without empty rows, and a report.
 
-    Errors (always fatal): word/alignment length mismatch, start after end or negative times, DSU ids
-    outside [0, n_dsus), a word ending after the speech ends (more than `tolerance_frames` frames past
-    the last frame; encoders drop a partial last frame). Empty speech or text is skipped and counted,
-    or fatal with `on_empty="fail"`.
+    Errors (always fatal): DSU ids outside [0, n_dsus); where the source has word alignments, also
+    word/alignment length mismatch, start after end or negative times, and a word ending after the speech
+    ends (more than `tolerance_frames` frames past the last frame; encoders drop a partial last frame).
+    Empty speech or text is skipped and counted, or fatal with `on_empty="fail"`.
     """
     if on_empty not in ("skip", "fail"):
         raise DataValidationError(f"on_empty must be 'skip' or 'fail', got {on_empty!r}")
@@ -300,11 +344,15 @@ class _BatchChecker:
     def __init__(self, table: pa.Table, columns: ColumnNames, offset: int, source: str) -> None:
         self.table, self.columns, self.offset, self.source = table, columns, offset, source
         self.speech = _chunk(table, columns.speech)
-        self.words = _chunk(table, columns.words)
-        self.start = _chunk(table, columns.start)
-        self.end = _chunk(table, columns.end)
         self.speech_len = _lengths(self.speech)
-        self.n_words = _lengths(self.words)
+        self.aligned = all(c in table.column_names for c in columns.alignment())
+        if self.aligned:
+            self.words = _chunk(table, columns.words)
+            self.start = _chunk(table, columns.start)
+            self.end = _chunk(table, columns.end)
+            self.n_words = _lengths(self.words)
+        else:  # words of the transcript, for the statistics
+            self.n_words = _lengths(pc.utf8_split_whitespace(_chunk(table, columns.transcript)))
 
     def sample_id(self, row: int) -> str:
         return str(self.table.column(self.columns.id)[row].as_py())
@@ -321,6 +369,22 @@ class _BatchChecker:
         return sorted(out)
 
     def check(self, keep: np.ndarray, n_dsus: int, fps: float, tolerance_frames: float) -> None:
+        self.check_units(keep, n_dsus)
+        if self.aligned:
+            self.check_alignments(keep, fps, tolerance_frames)
+
+    def check_units(self, keep: np.ndarray, n_dsus: int) -> None:
+        units = pc.list_flatten(self.speech).to_numpy(zero_copy_only=False)
+        row_of_frame = np.repeat(np.arange(len(self.speech_len)), self.speech_len)
+        bad_units = ((units < 0) | (units >= n_dsus)) & keep[row_of_frame]
+        if bad_units.any():
+            k, row, frame = _first_flagged(bad_units, row_of_frame)
+            raise DataValidationError(
+                self.where(row, self.columns.speech) + f": DSU id {int(units[k])} at frame {frame} is outside "
+                f"[0, {n_dsus}) (n_dsus from the model manifest)"
+            )
+
+    def check_alignments(self, keep: np.ndarray, fps: float, tolerance_frames: float) -> None:
         cols = self.columns
         for name, array in ((cols.start, self.start), (cols.end, self.end)):
             lengths = _lengths(array)
@@ -341,15 +405,6 @@ class _BatchChecker:
             raise DataValidationError(
                 self.where(row, cols.start) + f": word {word_index} has start {starts[k]} and end {ends[k]} "
                 "(times must be finite, >= 0 and start <= end)"
-            )
-        units = pc.list_flatten(self.speech).to_numpy(zero_copy_only=False)
-        row_of_frame = np.repeat(np.arange(len(self.speech_len)), self.speech_len)
-        bad_units = ((units < 0) | (units >= n_dsus)) & keep[row_of_frame]
-        if bad_units.any():
-            k, row, frame = _first_flagged(bad_units, row_of_frame)
-            raise DataValidationError(
-                self.where(row, cols.speech) + f": DSU id {int(units[k])} at frame {frame} is outside [0, {n_dsus}) "
-                "(n_dsus from the model manifest)"
             )
         rows = np.flatnonzero(self.n_words > 0)  # reduceat needs each row's first word: skip wordless rows
         if rows.size:
