@@ -3,21 +3,21 @@
 
     python recipes/sft.py data=sft/<preset> output_dir=RUN model=MODEL [key=value ...]
     torchrun --nproc_per_node 8 recipes/sft.py ...      # or: srun python recipes/sft.py ...
+    python recipes/sft.py -m hydra.sweep.dir=ROOT key=a,b ...   # a sweep, one run per cell (docs/experiments.md)
 
 The configuration is conf/sft.yaml (every default documented there); the loop is ssi.train.recipe.
 """
-
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from ssi.train.recipe import run_recipe
+from ssi.train.sweep import end_job
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="sft")
 def main(cfg: DictConfig) -> None:
-    sys.exit(run_recipe(cfg, "sft"))
+    end_job(run_recipe(cfg, "sft"), "sft")
 
 
 if __name__ == "__main__":

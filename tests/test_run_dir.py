@@ -126,3 +126,53 @@ def test_damaged_checkpoint_is_skipped_by_latest(tiny_extended_dir: Path, tmp_pa
         resolve_checkpoint(run, run / "nope")
     with pytest.raises(RunDirError, match="cannot resume a run"):
         load_training_state(good)
+
+
+def test_results_are_listed_by_step_and_outputs_being_written_are_not(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for step, dataset, split in [(20, "mls", "test"), (5, "mls", "test"), (5, "mls", "validation")]:
+        run_dir_mod.generations_dir(run, 0, step, dataset, split).mkdir(parents=True)
+    (run / "generations/epoch_0/global_step_20/mls/.test.partial-12").mkdir()  # being written
+    (run / "generations/epoch_0/.global_step_30.partial-12").mkdir()
+    run_dir_mod.evaluations_dir(run, 1, 20, "sblimp").mkdir(parents=True)
+    (run / "evaluations/epoch_1/global_step_20/.blimp.partial-3").mkdir()
+    assert [(o.step, o.name) for o in run_dir_mod.list_generations(run)] == [
+        (5, "mls/test"),
+        (5, "mls/validation"),
+        (20, "mls/test"),
+    ]
+    (evaluation,) = run_dir_mod.list_evaluations(run)
+    assert (evaluation.epoch, evaluation.step, evaluation.name) == (1, 20, "sblimp")
+    assert evaluation.path == run / "evaluations/epoch_1/global_step_20/sblimp"
+    assert run_dir_mod.list_evaluations(tmp_path / "nothing") == []
+
+
+def test_a_run_directory_as_model_means_its_newest_checkpoint(tiny_extended_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / run_dir_mod.CONFIG_FILE).write_text("model: x\n")
+    with pytest.raises(RunDirError, match=f"model={run} is a run directory without a complete checkpoint"):
+        run_dir_mod.start_checkpoint(run)
+    checkpointer = SpeechCheckpointer(tiny_extended_dir, run, progress=False)
+    for step in (3, 12):
+        checkpointer.save_checkpoint(checkpointer.load_checkpoint(), epoch=0, step=step)
+    assert run_dir_mod.start_checkpoint(run) == checkpointer.checkpoint_path(0, 12)
+    (run / run_dir_mod.CONFIG_FILE).write_text("max_steps: 20\nepochs: null\n")  # failed, or still training
+    with pytest.raises(
+        RunDirError, match=r"is a run that has not finished: its newest checkpoint is step 12 of max_st"
+    ):
+        run_dir_mod.start_checkpoint(run)
+    (run / run_dir_mod.CONFIG_FILE).write_text("max_steps: 12\nepochs: null\n")
+    assert run_dir_mod.start_checkpoint(run) == checkpointer.checkpoint_path(0, 12)
+    assert run_dir_mod.start_checkpoint(tiny_extended_dir) == tiny_extended_dir  # a model directory as it is
+    assert run_dir_mod.start_checkpoint(checkpointer.checkpoint_path(0, 3)) == checkpointer.checkpoint_path(0, 3)
+
+
+def test_metric_logs_of_a_running_job_and_damaged_ones(tmp_path: Path) -> None:
+    logs = tmp_path / "run/logs"
+    logs.mkdir(parents=True)
+    (logs / "log_1.txt").write_text("Step 1 | loss:2.5 lr:0.1 \nStep 2 | loss:2.25 \nStep 3 | loss:2.")
+    assert run_dir_mod.read_metrics(tmp_path / "run") == {1: {"loss": 2.5, "lr": 0.1}, 2: {"loss": 2.25}}
+    (logs / "log_1.txt").write_text("Step 1 | loss:2.5 \nStep 2 | loss:oops \n")
+    with pytest.raises(RunDirError, match=r"log_1.txt:2: not a `Step <n> \| key:number ...` line"):
+        run_dir_mod.read_metrics(tmp_path / "run")

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from ssi.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from ssi.run_dir import read_metrics as metrics
+from ssi.train.preemption import StopSignals
 from ssi.train.recipe import EXIT_PREEMPTED, RecipeError, SpeechTrainingRecipe, run_recipe
 
 from .conftest import N_TEST_DSUS
@@ -424,3 +425,47 @@ def test_linear_cross_entropy_matches_chunked(tiny_extended_dir, corpus, tmp_pat
         SpeechTrainingRecipe(
             make_cfg("cpt", overrides("cpt", tiny_extended_dir, corpus, tmp_path / "x", "loss.type=fused")), "cpt"
         ).setup()
+
+
+def test_auto_resume_starts_or_continues_and_a_run_directory_as_model_is_its_newest_checkpoint(
+    tiny_extended_dir, corpus, tmp_path
+) -> None:
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    cpt = overrides("cpt", tiny_extended_dir, corpus, tmp_path / "cpt", "max_steps=2", "save_steps=1")
+    _, code, _ = run("cpt", [*cpt, "resume_from_checkpoint=auto"])  # nothing to resume: a fresh start
+    assert code == 0 and sorted(metrics(tmp_path / "cpt")) == [1, 2]
+    recipe, code, _ = run("cpt", [*cpt, "resume_from_checkpoint=auto"])  # launched again: continues, done
+    assert code == 0 and recipe.global_step == 2
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # each run puts the handlers back
+
+    sft = overrides("sft", tmp_path / "cpt", corpus, tmp_path / "sft", "max_steps=1", "save_steps=1")
+    recipe, code, _ = run("sft", sft)
+    newest = tmp_path / "cpt/checkpoints/epoch_0/global_step_2"
+    assert code == 0 and recipe.cfg.model == str(newest)
+    assert f"model: {newest}" in (tmp_path / "sft/torchtune_config.yaml").read_text()
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    (empty / "torchtune_config.yaml").write_text("model: x\n")
+    with pytest.raises(RecipeError, match=f"model={empty} is a run directory without a complete checkpoint"):
+        SpeechTrainingRecipe(make_cfg("sft", overrides("sft", empty, corpus, tmp_path / "x")), "sft").setup()
+
+
+def test_a_stop_signal_is_handed_to_the_handler_it_replaced_after_the_checkpoint() -> None:
+    seen: list[int] = []
+    before = signal.signal(signal.SIGUSR2, lambda signum, _frame: seen.append(signum))  # e.g. submitit's requeue
+    try:
+        stop = StopSignals()
+        stop.install()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop.received == signal.SIGUSR2 and seen == []  # first the run stops and saves
+        stop.restore()
+        stop.hand_over()
+        assert seen == [signal.SIGUSR2]
+        plain = StopSignals()  # SIGUSR1 had no Python handler: the process exits with EXIT_PREEMPTED instead
+        plain.install()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        plain.restore()
+        plain.hand_over()
+        assert plain.received == signal.SIGUSR1 and seen == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, before)

@@ -12,7 +12,9 @@ evaluations of a training run live, how to find them, and how to read the run's 
 ```
 
 docs/run_directory.md is the contract. Writers create these paths through the functions here; readers
-(resume, generation, scoring, reports) parse them through the functions here, so the layout has one owner.
+(resume, generation, scoring, reports) parse them through the functions here (`list_checkpoints`,
+`list_generations`, `list_evaluations`, `read_metrics`, `start_checkpoint` for `model=<run>`), so the layout
+has one owner.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ssi.hf_dir import missing_files
 
@@ -42,6 +45,8 @@ MASTER_WEIGHTS_FILE = "master_weights.safetensors"
 GENERATIONS_FILE = "generations.jsonl"
 GENERATION_CONFIG_FILE = "generation_config.yaml"
 WER_FILE = "wer.json"
+SCORES_FILE = "scores.jsonl"
+SUMMARY_FILE = "summary.json"
 _EPOCH_RE = re.compile(r"^epoch_(\d+)$")
 _STEP_RE = re.compile(r"^global_step_(\d+)$")
 # Hidden names of a checkpoint being written (ssi.files.atomic_output_dir) or deleted, by process id.
@@ -132,6 +137,62 @@ def locate_generations(path: Path) -> OutputLocation | None:
     return OutputLocation(parsed[0], parsed[1], parents[1].name, parents[0].name)
 
 
+def is_run_dir(path: str | Path) -> bool:
+    """A training run's directory: it has the run's config (written when training starts)."""
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One folder of results computed from a checkpoint: `generations/<step>/<dataset>/<split>/` (name is
+    `<dataset>/<split>`) or `evaluations/<step>/<benchmark>/` (name is the benchmark)."""
+
+    path: Path
+    epoch: int
+    step: int
+    name: str
+
+
+def _step_output_dirs(root: Path) -> list[tuple[Path, int, int]]:
+    """`root/epoch_<E>/global_step_<S>` folders (hidden ones, being written or deleted, never match)."""
+    found = []
+    if not root.is_dir():
+        return found
+    for epoch_dir in root.iterdir():
+        if not _EPOCH_RE.match(epoch_dir.name) or not epoch_dir.is_dir():
+            continue
+        for step_dir in epoch_dir.iterdir():
+            parsed = _parse_step_dirs(epoch_dir, step_dir)
+            if parsed and step_dir.is_dir():
+                found.append((step_dir, *parsed))
+    return found
+
+
+def _visible_dirs(path: Path) -> list[Path]:
+    return [d for d in path.iterdir() if not d.name.startswith(".") and d.is_dir()]
+
+
+def list_generations(run: str | Path) -> list[StepOutput]:
+    """Every `<dataset>/<split>` folder under the run's `generations/`, by step (it may lack `wer.json`)."""
+    found = [
+        StepOutput(split_dir, epoch, step, f"{dataset_dir.name}/{split_dir.name}")
+        for step_dir, epoch, step in _step_output_dirs(Path(run) / GENERATIONS_DIR)
+        for dataset_dir in _visible_dirs(step_dir)
+        for split_dir in _visible_dirs(dataset_dir)
+    ]
+    return sorted(found, key=lambda o: (o.step, o.epoch, o.name))
+
+
+def list_evaluations(run: str | Path) -> list[StepOutput]:
+    """Every `<benchmark>` folder under the run's `evaluations/`, by step (it may lack `summary.json`)."""
+    found = [
+        StepOutput(bench_dir, epoch, step, bench_dir.name)
+        for step_dir, epoch, step in _step_output_dirs(Path(run) / EVALUATIONS_DIR)
+        for bench_dir in _visible_dirs(step_dir)
+    ]
+    return sorted(found, key=lambda o: (o.step, o.epoch, o.name))
+
+
 # --- checkpoints -----------------------------------------------------------------------------------------
 
 
@@ -189,6 +250,27 @@ def resolve_checkpoint(output_dir: str | Path, spec: str | Path, missing_ok: boo
     return path
 
 
+def start_checkpoint(model: str | Path) -> Path:
+    """`model=` of a recipe: a model directory as it is, or the final checkpoint of a finished run (how an SFT
+    run starts from the CPT run of its sweep cell). A run that stopped before `max_steps` (failed, or still
+    training) is refused: its newest checkpoint is not what the experiment meant; name it to use it anyway."""
+    path = Path(model)
+    if (path / "config.json").is_file() or not (is_run_dir(path) or (path / CHECKPOINTS_DIR).is_dir()):
+        return path
+    checkpoints = list_checkpoints(path)
+    if not checkpoints:
+        raise RunDirError(f"model={path} is a run directory without a complete checkpoint under {CHECKPOINTS_DIR}/")
+    newest = checkpoints[-1]
+    config = yaml.safe_load((path / CONFIG_FILE).read_text()) if is_run_dir(path) else None
+    max_steps = config.get("max_steps") if isinstance(config, dict) else None
+    if isinstance(max_steps, int) and config.get("epochs") is None and newest.step < max_steps:
+        raise RunDirError(
+            f"model={path} is a run that has not finished: its newest checkpoint is step {newest.step} of "
+            f"max_steps={max_steps} (pass model={newest.path} to start from it anyway)"
+        )
+    return newest.path
+
+
 def prune_checkpoints(output_dir: str | Path, keep_last_n: int) -> list[Path]:
     """Delete all but the newest `keep_last_n` checkpoints; returns the pruned paths. Each is first
     renamed to a hidden name, so a crash mid-delete never leaves a visible half-deleted checkpoint.
@@ -243,17 +325,25 @@ def load_training_state(ckpt_dir: str | Path, weights_only: bool = True) -> dict
 
 
 def read_metrics(run_dir: str | Path) -> dict[int, dict[str, float]]:
-    """{step: {metric: value}} over all log files of a run, oldest file first."""
+    """{step: {metric: value}} over all log files of a run, oldest file first. A last line without its
+    newline is being written by a running job and is left out."""
     log_dir = Path(run_dir) / LOGS_DIR
     if not log_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} has no logs/ folder: is it a run directory (output_dir of a recipe)?")
     steps: dict[int, dict[str, float]] = {}
     for path in sorted(log_dir.glob("log_*.txt"), key=lambda p: (p.stat().st_mtime, p.name)):
-        for line in path.read_text().splitlines():
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise RunDirError(f"{path}: unreadable metric log ({err})") from None
+        for number, line in enumerate(text[: text.rfind("\n") + 1].splitlines(), start=1):
             match = _STEP_LINE.match(line)
             if match:
-                fields = (item.split(":", 1) for item in match.group(2).split())
-                steps.setdefault(int(match.group(1)), {}).update({k: float(v) for k, v in fields})
+                try:
+                    fields = dict(item.split(":", 1) for item in match.group(2).split())
+                    steps.setdefault(int(match.group(1)), {}).update({k: float(v) for k, v in fields.items()})
+                except ValueError:
+                    raise RunDirError(f"{path}:{number}: not a `Step <n> | key:number ...` line: {line!r}") from None
     return steps
 
 

@@ -15,8 +15,10 @@ its set-up belong together. What it adds for speech research:
   on any number of ranks with bit-identical losses on CPU fp32.
 - GPUs (docs/training.md): bf16 compute with fp32 master weights by default, FSDP2 across ranks,
   batches built on the host and copied without blocking, MFU in the logs.
-- SIGTERM/SIGUSR1 (Slurm's pre-timeout signal) end the run at the next step boundary with a checkpoint
-  and exit code `EXIT_PREEMPTED`, so an sbatch script can requeue itself (snippets/).
+- SIGTERM, SIGUSR1 (Slurm's pre-timeout signal) and submitit's SIGUSR2 end the run at the next step boundary
+  with a checkpoint; then submitit requeues the job, or the process exits with `EXIT_PREEMPTED` so an sbatch
+  script can requeue itself (ssi.train.preemption). `resume_from_checkpoint=auto` continues a run that has a
+  checkpoint and starts one that has none; in a Hydra multirun it is the default (ssi.train.sweep).
 """
 
 from __future__ import annotations
@@ -55,15 +57,14 @@ from ssi.files import atomic_write_text
 from ssi.model.architecture import CheckpointError
 from ssi.model.builder import build_model
 from ssi.model.checkpointer import MODEL_KEY, SpeechCheckpointer
-from ssi.train import distributed, state
+from ssi.train import distributed, state, sweep
 from ssi.train.loss import LinearCrossEntropyLoss
+from ssi.train.preemption import EXIT_PREEMPTED, StopSignals
 from ssi.train.sampler import GlobalBatchSampler
 from ssi.train.throughput import Throughput
 from ssi.vocab.tiktoken import load_tokenizer
 
 log = logging.getLogger(__name__)
-
-EXIT_PREEMPTED = 99  # the run stopped on a signal after saving; requeue and resume from `latest`
 
 
 class RecipeError(ValueError):
@@ -100,7 +101,7 @@ class SpeechTrainingRecipe:
         self.step_in_epoch = 0
         self.consumed_samples = 0
         self.totals = {"tokens": 0, "label_tokens": 0, "train_seconds": 0.0, "skipped_steps": 0}
-        self._stop_signal = 0
+        self.stop = StopSignals()
         self._last_saved_step = -1
         self.metric_loggers: list[Any] = []
 
@@ -124,6 +125,7 @@ class SpeechTrainingRecipe:
         self.global_batch_size = int(cfg.data.train.dataloader.batch_size) * self.grad_accum * self.env.world_size
 
         resume_from = self._resolve_resume()
+        self._resolve_model(resume_from is not None)
         source_dir = resume_from or Path(cfg.model)
         if not source_dir.is_dir():
             raise RecipeError(f"model={source_dir} is not a directory{_size_preset_hint(str(cfg.model))}")
@@ -172,11 +174,13 @@ class SpeechTrainingRecipe:
             self.metric_loggers = loggers.build_loggers(cfg.metric_logger, self.output_dir)
             for logger in self.metric_loggers:
                 logger.log_config(cfg)
-        self._install_signal_handlers()
+        self.stop.install()
 
     def _resolve_resume(self) -> Path | None:
         spec = self.cfg.resume_from_checkpoint
         try:
+            if spec == "auto":
+                return run_dir.resolve_checkpoint(self.output_dir, "latest", missing_ok=True)
             if spec is None:
                 if run_dir.list_checkpoints(self.output_dir):
                     raise RecipeError(
@@ -187,6 +191,18 @@ class SpeechTrainingRecipe:
             return run_dir.resolve_checkpoint(self.output_dir, spec)
         except run_dir.RunDirError as err:
             raise RecipeError(str(err)) from None
+
+    def _resolve_model(self, resuming: bool) -> None:
+        """`model=<run directory>` starts from that finished run's final checkpoint, recorded as `model`."""
+        try:
+            start = run_dir.start_checkpoint(self.cfg.model)
+        except run_dir.RunDirError as err:
+            if resuming:  # the checkpoint being resumed holds the weights
+                return
+            raise RecipeError(str(err)) from None
+        if start != Path(self.cfg.model):
+            log.info("model=%s is a run directory: starting from its final checkpoint %s", self.cfg.model, start)
+            self.cfg.model = str(start)
 
     def _setup_data(self) -> None:
         cfg, env = self.cfg, self.env
@@ -470,7 +486,7 @@ class SpeechTrainingRecipe:
         window: dict[str, Any] = self._new_window()
         t_window = time.perf_counter()
         max_epochs = cfg.get("epochs")
-        while self.global_step < self.max_steps and not self._stop_signal:
+        while self.global_step < self.max_steps and not self.stop.received:
             if max_epochs is not None and self.epoch >= int(max_epochs):
                 break
             for micro, batch in enumerate(self._micro_batches(), start=1):
@@ -492,10 +508,10 @@ class SpeechTrainingRecipe:
                 if self.global_step % eval_steps == 0 and (losses := self.evaluate_all()):
                     self._log(losses)
                 self._check_stop_signal()
-                if self.global_step % save_steps == 0 or self._stop_signal or self.global_step >= self.max_steps:
+                if self.global_step % save_steps == 0 or self.stop.received or self.global_step >= self.max_steps:
                     self.save_checkpoint()
                 window, t_window = self._new_window(), time.perf_counter()
-                if self.global_step >= self.max_steps or self._stop_signal:
+                if self.global_step >= self.max_steps or self.stop.received:
                     break
             else:
                 if window["counts"]["samples"]:  # packed epochs may end inside an accumulation window: drop it
@@ -507,13 +523,12 @@ class SpeechTrainingRecipe:
             break
         bar.close()
         self.save_checkpoint()
-        if self._stop_signal:
+        if self.stop.received:
             if env.is_main:
                 log.warning(
-                    "stopped by %s at step %d after saving: exiting with %d for requeue",
-                    signal.Signals(self._stop_signal).name,
+                    "stopped by %s at step %d after saving a checkpoint",
+                    signal.Signals(self.stop.received).name,
                     self.global_step,
-                    EXIT_PREEMPTED,
                 )
             return EXIT_PREEMPTED
         return 0
@@ -638,22 +653,20 @@ class SpeechTrainingRecipe:
         log.info("step %d %s%s", self.global_step, " ".join(f"{k}={v:.4g}" for k, v in shown.items()), eta)
 
     # --- preemption ------------------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
-        def request_stop(signum: int, _frame: Any) -> None:
-            self._stop_signal = signum
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, request_stop)
-
     def _check_stop_signal(self) -> None:
         """All ranks stop at the same step if any one of them was signalled."""
-        flag = distributed.all_reduce(torch.tensor([self._stop_signal], device=self.device), self.env, "max")
-        self._stop_signal = int(flag.item())
+        flag = distributed.all_reduce(torch.tensor([self.stop.received], device=self.device), self.env, "max")
+        self.stop.received = int(flag.item())
 
     def cleanup(self) -> None:
+        """Release what the run holds; in a local sweep the next job starts in this same process."""
         for logger in self.metric_loggers:
             logger.close()
+        self.metric_loggers = []
+        self.stop.restore()
         distributed.destroy(self.env)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _size_preset_hint(value: str) -> str:
@@ -665,14 +678,21 @@ def _size_preset_hint(value: str) -> str:
 
 
 def run_recipe(cfg: DictConfig, kind: str) -> int:
-    """Entry point used by recipes/cpt.py and recipes/sft.py; returns the process exit code."""
+    """Entry point used by recipes/cpt.py and recipes/sft.py; returns the process exit code (end it with
+    `ssi.train.sweep.end_job`). After a stop checkpoint the signal goes on to the handler it interrupted
+    (under submitit: requeue and exit)."""
     setup_cli_logging()
+    recipe = None
     try:
+        sweep.bind_job(cfg)
         recipe = SpeechTrainingRecipe(cfg, kind)
         recipe.setup()
-    except (RecipeError, CheckpointError, DataValidationError) as err:
-        return report_error(err)
-    try:
-        return recipe.train()
+        code = recipe.train()
+    except (RecipeError, CheckpointError, DataValidationError, sweep.SweepError) as err:
+        code = report_error(err)
     finally:
-        recipe.cleanup()
+        if recipe is not None:
+            recipe.cleanup()
+    if code == EXIT_PREEMPTED and recipe is not None:
+        recipe.stop.hand_over()
+    return code
