@@ -25,11 +25,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SETTLE_S = 3.0
 
 
-def run_measured(cmd: list[str], log: Path) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process, read from its own rusage; stderr goes to `log`."""
+def run_measured(cmd: list[str], output: Path, log: Path) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one child process, read from its own rusage; stderr goes to `log`.
+    Both commands start alike: their previous `output` deleted, the disk flushed and given a moment to settle
+    (deleting gigabytes on a `discard` mount keeps the disk busy after `rm` returns)."""
+    shutil.rmtree(output, ignore_errors=True)
     subprocess.run(["sync"], check=True)
+    time.sleep(SETTLE_S)
     start = time.perf_counter()
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
@@ -92,10 +97,8 @@ def main() -> None:
     copies, extensions = [], []
     logs = [args.workdir / f"extend-{k}.log" for k in range(args.repeats)]
     for log in logs:
-        shutil.rmtree(copy_dir, ignore_errors=True)
-        shutil.rmtree(ext_dir, ignore_errors=True)
-        copies.append(run_measured(["cp", "-r", str(base), str(copy_dir)], args.workdir / "cp.log"))
-        extensions.append(run_measured(ext_cmd, log))
+        copies.append(run_measured(["cp", "-r", str(base), str(copy_dir)], copy_dir, args.workdir / "cp.log"))
+        extensions.append(run_measured(ext_cmd, ext_dir, log))
     copy_s, copy_rss = min(copies)
     ext_s, ext_rss = min(t for t, _ in extensions), max(r for _, r in extensions)
     best = logs[min(range(args.repeats), key=lambda k: extensions[k][0])]

@@ -15,11 +15,12 @@ import logging
 import re
 import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from ssi import report_error, setup_cli_logging
@@ -178,16 +179,20 @@ def extend_model_dir(
     n_new = vocab.vocab_size - vocab.base_vocab_size
 
     t0 = time.perf_counter()
-    # The fit runs beside the copy of every unchanged tensor (numpy's BLAS and copy_file_range both release
-    # the GIL); the extended matrices are written last, once their new rows exist.
+    # The main thread copies the weights, kernel to kernel; one worker meanwhile fits the new rows and then
+    # writes the small files (numpy's BLAS and copy_file_range both release the GIL). The extended matrices
+    # are written last, once their new rows exist.
     with ThreadPoolExecutor(max_workers=1) as pool:
         rows = pool.submit(_new_rows, matrices, config, n_bpe, n_new, init, seed)
         with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-            _copy_side_files(input_dir, tmp)
-            write_json(tmp / "tokenizer.json", tokenizer_json, indent=None)  # 10+ MB: the fast compact form
-            write_json(tmp / "tokenizer_config.json", tokenizer_config)
-            _write_configs(input_dir, tmp, config, vocab)
-            _write_weights(files, tmp, set(matrices), rows, n_new, progress)
+            small_files = pool.submit(
+                _write_small_files, input_dir, tmp, config, vocab, tokenizer_json, tokenizer_config
+            )
+            try:
+                _write_weights(files, tmp, set(matrices), rows, n_new, progress)
+            finally:
+                wait([small_files])  # it writes into tmp: done before tmp is either kept or removed
+            small_files.result()
             vocab.save(tmp, extra={"extension": {"init": init, "seed": seed, "n_new_rows": n_new}})
     log.info(
         "wrote %s (vocab %d -> %d) in %.1fs",
@@ -206,14 +211,16 @@ def _new_rows(
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     rows: dict[str, bytes] = {}
-    for name in (EMBED, LM_HEAD):
-        if name not in matrices:
-            continue
-        if name == LM_HEAD and config.get("tie_word_embeddings", False):
-            rows[name] = rows[EMBED]  # tied weights stored twice stay equal
-        else:
-            path, entry = matrices[name]
-            rows[name] = f32_to_bytes(new_rows(path, entry, n_bpe, n_new, init, rng), entry.dtype)
+    # one BLAS thread: the other core copies the unchanged tensors meanwhile (kernel-side, no GIL)
+    with threadpool_limits(limits=1, user_api="blas"):
+        for name in (EMBED, LM_HEAD):
+            if name not in matrices:
+                continue
+            if name == LM_HEAD and config.get("tie_word_embeddings", False):
+                rows[name] = rows[EMBED]  # tied weights stored twice stay equal
+            else:
+                path, entry = matrices[name]
+                rows[name] = f32_to_bytes(new_rows(path, entry, n_bpe, n_new, init, rng), entry.dtype)
     log.info("fitted %s init for %d new rows in %.1fs", init, n_new, time.perf_counter() - t0)
     return rows
 
@@ -234,6 +241,17 @@ def _check_matrices(matrices: dict, config: dict, input_dir: Path) -> None:
                 f"{path}: {name} has shape {list(entry.shape)}, expected [{config['vocab_size']}, hidden] "
                 "(rows must match config.json vocab_size so that new ids can be appended)"
             )
+
+
+def _write_small_files(
+    input_dir: Path, out: Path, config: dict, vocab: SpeechVocab, tokenizer_json: dict, tokenizer_config: dict
+) -> None:
+    """Everything but the weights and ssi.json: side files, the extended tokenizer and the configs."""
+    _copy_side_files(input_dir, out)
+    # compact: json's C encoder writes these (10+ MB, thousands of added tokens) several times faster
+    write_json(out / "tokenizer.json", tokenizer_json, indent=None)
+    write_json(out / "tokenizer_config.json", tokenizer_config, indent=None)
+    _write_configs(input_dir, out, config, vocab)
 
 
 def _copy_side_files(input_dir: Path, out: Path) -> None:
