@@ -8,13 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from ssi.hf_dir import read_rows_f32, read_safetensors_header
 from ssi.vocab.extend import ExtensionError, extend_model_dir, main
 from ssi.vocab.layout import MAX_DSUS, SpeechVocab
+from ssi.vocab.new_rows import MIN_SAMPLE_ROWS, sample_rows
 
 from .conftest import N_TEST_DSUS
 
@@ -60,6 +63,25 @@ def test_base_rows_are_bit_identical_and_new_rows_fitted(tiny_base_dir, tiny_ext
     assert len(torch.unique(new, dim=0)) == len(new)
     assert (new.mean(0) - bpe.mean(0)).abs().max() < 4 * bpe.std(0).max() / len(new) ** 0.5
     assert torch.allclose(new.std(0).mean(), bpe.std(0).mean(), rtol=0.15)
+
+
+def test_new_rows_follow_the_base_covariance_from_a_sample(tmp_path) -> None:
+    """A base larger than the sample (every k-th row is read): the drawn rows still have the base's mean and
+    anisotropic, correlated covariance."""
+    rng = np.random.default_rng(0)
+    n_rows, hidden = 40_000, 48
+    mixing = rng.standard_normal((hidden, hidden)) * np.linspace(0.2, 2.0, hidden)
+    base = (rng.standard_normal((n_rows, hidden)) @ mixing + 0.5).astype(np.float32)
+    path = tmp_path / "m.safetensors"
+    save_file({"embed": torch.from_numpy(base).to(torch.bfloat16)}, str(path))
+    (entry,) = read_safetensors_header(path)[0]
+    truth = read_rows_f32(path, entry, 0, n_rows)
+    new = sample_rows(path, entry, n_rows, 30_000, np.random.default_rng(1))
+    assert n_rows // 4 > MIN_SAMPLE_ROWS  # the sample is a strict subset of the rows
+    scale = np.sqrt(np.diag(np.cov(truth.T)))
+    assert np.abs(new.mean(0) - truth.mean(0)).max() < 0.1 * scale.max()
+    relative = np.linalg.norm(np.cov(new.T) - np.cov(truth.T)) / np.linalg.norm(np.cov(truth.T))
+    assert relative < 0.15, relative
 
 
 def test_output_directory_is_complete(tiny_base_dir, tiny_extended_dir) -> None:

@@ -92,9 +92,8 @@ def resolve_input_dir(input_dir: str) -> Path:
         ) from None
 
 
-def _check_input(input_dir: Path) -> tuple[dict, int, dict[str, int], list[Path], dict, dict]:
-    """Validate the input; returns (config, n_bpe, special-token table, weight files, tokenizer.json and
-    tokenizer_config.json contents). Raises ExtensionError."""
+def _check_model_files(input_dir: Path) -> tuple[dict, int, list[Path]]:
+    """Validate what the weights need; returns (config, n_bpe, weight files). Raises ExtensionError."""
     try:
         config = read_llama_config(input_dir)
     except ModelDirError as err:
@@ -111,7 +110,12 @@ def _check_input(input_dir: Path) -> tuple[dict, int, dict[str, int], list[Path]
         files = weight_files(input_dir)
     except ModelDirError as err:
         raise ExtensionError(str(err)) from None
-    n_bpe = count_bpe_ranks(input_dir / TIKTOKEN_FILE)
+    return config, count_bpe_ranks(input_dir / TIKTOKEN_FILE), files
+
+
+def _read_base_tokenizer(input_dir: Path, config: dict, n_bpe: int) -> tuple[dict[str, int], dict, dict]:
+    """The special-token table, tokenizer.json and tokenizer_config.json of the base, checked against each
+    other and against config.json. Raises ExtensionError."""
     tokenizer_json = read_model_json(input_dir / "tokenizer.json")
     tokenizer_config = read_model_json(input_dir / "tokenizer_config.json")
     try:
@@ -126,7 +130,7 @@ def _check_input(input_dir: Path) -> tuple[dict, int, dict[str, int], list[Path]
             f"({n_bpe} ranks in {TIKTOKEN_FILE} + {len(table)} special tokens) has {expected}: already extended, "
             "or the files belong to different models"
         )
-    return config, n_bpe, table, files, tokenizer_json, tokenizer_config
+    return table, tokenizer_json, tokenizer_config
 
 
 def _find_entries(files: list[Path]) -> dict[str, tuple[Path, TensorEntry]]:
@@ -161,29 +165,31 @@ def extend_model_dir(
     if init not in INIT_METHODS:
         raise ExtensionError(f"--init must be one of {INIT_METHODS}, got {init!r}")
     input_dir = Path(input_dir)
-    config, n_bpe, table, files, tokenizer_json, tokenizer_config = _check_input(input_dir)
+    config, n_bpe, files = _check_model_files(input_dir)
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir(input_dir, n_new_dsus)
     if output_dir.resolve() == input_dir.resolve() or input_dir.resolve() in output_dir.resolve().parents:
         raise ExtensionError(f"output directory {output_dir} must not be the input directory or inside it")
     if output_dir.exists() and not overwrite:
         raise ExtensionError(f"output directory {output_dir} already exists; pass --overwrite to replace it")
-
-    base_name = _base_model_name(input_dir)
-    vocab = SpeechVocab(n_bpe, n_new_dsus, modality_tokens, base_name, dsu_encoder, frame_rate, table)
-    try:
-        tokenizer_json, tokenizer_config = extend_hf_tokenizer(tokenizer_json, tokenizer_config, vocab)
-    except ValueError as err:
-        raise ExtensionError(f"{input_dir / 'tokenizer.json'}: {err}") from None
     matrices = _find_entries(files)
-    _check_matrices(matrices, config, input_dir)
-    n_new = vocab.vocab_size - vocab.base_vocab_size
+    n_new = SpeechVocab(n_bpe, n_new_dsus, modality_tokens).n_appended
 
     t0 = time.perf_counter()
-    # The main thread copies the weights, kernel to kernel; one worker meanwhile fits the new rows and then
-    # writes the small files (numpy's BLAS and copy_file_range both release the GIL). The extended matrices
-    # are written last, once their new rows exist.
+    # One worker fits the new rows, from now on, and then writes the small files; the main thread checks the
+    # tokenizer and the matrices meanwhile (a refusal discards the fit) and then copies the weights, kernel
+    # to kernel (numpy's BLAS and copy_file_range both release the GIL). The extended matrices are written
+    # last, once their new rows exist.
     with ThreadPoolExecutor(max_workers=1) as pool:
         rows = pool.submit(_new_rows, matrices, config, n_bpe, n_new, init, seed)
+        table, tokenizer_json, tokenizer_config = _read_base_tokenizer(input_dir, config, n_bpe)
+        _check_matrices(matrices, config, input_dir)
+        vocab = SpeechVocab(
+            n_bpe, n_new_dsus, modality_tokens, _base_model_name(input_dir), dsu_encoder, frame_rate, table
+        )
+        try:
+            tokenizer_json, tokenizer_config = extend_hf_tokenizer(tokenizer_json, tokenizer_config, vocab)
+        except ValueError as err:
+            raise ExtensionError(f"{input_dir / 'tokenizer.json'}: {err}") from None
         with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
             small_files = pool.submit(
                 _write_small_files, input_dir, tmp, config, vocab, tokenizer_json, tokenizer_config

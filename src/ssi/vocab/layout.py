@@ -129,6 +129,12 @@ class SpeechVocab:
     def vocab_size(self) -> int:
         return self.dsu_end + (2 if self.modality_tokens else 0)
 
+    @property
+    def n_appended(self) -> int:
+        """Tokens appended after the base vocabulary (DSUs, then modality tokens): independent of the
+        special-token table, so a layout built without it already knows how many rows extension adds."""
+        return self.vocab_size - self.base_vocab_size
+
     def special_id(self, name: str) -> int:
         """The id of a special token by name (`<|end_of_text|>`...), as the base's files named it."""
         table = self._table()
