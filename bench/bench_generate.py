@@ -30,9 +30,10 @@ from ssi.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from ssi.devices import resolve_device
 from ssi.generate.prompts import build_prompts
 from ssi.generate.sampling import Completion, SamplingOptions
-from ssi.generate.torch_backend import generate_torch, load_torch_model
-from ssi.generate.vllm_backend import generate_vllm, start_vllm, stop_vllm
+from ssi.generate.torch_backend import generate_torch
+from ssi.generate.vllm_backend import generate_vllm
 from ssi.model.checkpointer import SpeechCheckpointer
+from ssi.model.engines import load_torch_model, start_vllm, stop_vllm
 from ssi.testing import LlamaShape, write_llama_dir
 from ssi.vocab.extend import extend_model_dir
 from ssi.vocab.tiktoken import load_tokenizer

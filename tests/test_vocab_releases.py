@@ -126,7 +126,7 @@ def test_transformers_and_torchtune_load_the_extension_with_unchanged_base_logit
 @pytest.mark.slow
 def test_vllm_serves_every_variant_like_transformers(variant) -> None:
     vllm = pytest.importorskip("vllm", reason="vLLM is not installed")
-    from ssi.generate.vllm_backend import start_vllm, stop_vllm
+    from ssi.model.engines import start_vllm, stop_vllm
 
     _, _, extended = variant
     tokenizer = load_tokenizer(extended)

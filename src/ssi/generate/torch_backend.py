@@ -9,26 +9,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torchtune import training
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
 from torchtune.modules import TransformerDecoder, local_kv_cache
 from tqdm import tqdm
 
 from ssi.generate import GenerationError
 from ssi.generate.sampling import Completion, SamplingOptions, completion
-from ssi.model.builder import build_model
-from ssi.model.checkpointer import MODEL_KEY, SpeechCheckpointer
+from ssi.model.engines import hidden_states
 
 
 def _last_logits(
     model: TransformerDecoder, tokens: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
 ) -> torch.Tensor:
-    """Float logits of the last position only: `model(...)` would project every prompt position onto
-    the vocabulary ([batch, prompt, 128k] floats for a real Llama) only to keep the last one."""
-    h = model.tok_embeddings(tokens)
-    for layer in model.layers:
-        h = layer(h, mask=mask, input_pos=pos)
-    return model.unembed(h[:, -1])
+    """Float logits of the last position only (`hidden_states` leaves the projection to us)."""
+    return model.unembed(hidden_states(model, tokens, mask, pos)[:, -1])
 
 
 def next_tokens(
@@ -152,13 +146,3 @@ def generate_torch(
 
 def _generator(seed: int | None, index: int, device: torch.device) -> torch.Generator | None:
     return None if seed is None else torch.Generator(device).manual_seed(seed + index)
-
-
-def load_torch_model(
-    checkpointer: SpeechCheckpointer, max_model_len: int, device: torch.device, dtype: torch.dtype
-) -> TransformerDecoder:
-    """The torchtune decoder with the checkpoint's weights, RoPE sized for `max_model_len`."""
-    with training.set_default_dtype(dtype), device:
-        model = build_model(checkpointer.architecture, max_model_len)
-    model.load_state_dict(checkpointer.load_checkpoint()[MODEL_KEY], strict=True)
-    return model.eval()
