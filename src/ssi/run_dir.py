@@ -8,7 +8,8 @@ evaluations of a training run live, how to find them, and how to read the run's 
     training_state/training_state.pt                 optimizer, schedule, RNG, counters (exact resume)
     training_state/master_weights.safetensors        fp32 weights when the HF weights are saved in bf16
 <run>/generations/epoch_<E>/global_step_<S>/<dataset>/<split>/   generations.jsonl, generation_config.yaml, wer.json
-<run>/evaluations/epoch_<E>/global_step_<S>/<benchmark>/         scores.jsonl, summary.json
+<run>/evaluations/epoch_<E>/global_step_<S>/<benchmark>/         scores.jsonl, summary.json, [zerospeech/]
+<run>/evaluations/tasks/<time>/                      an evaluate_run Slurm array: tasks.txt, task-<i>.out
 ```
 
 docs/run_directory.md is the contract. Writers create these paths through the functions here; readers
@@ -47,6 +48,8 @@ GENERATION_CONFIG_FILE = "generation_config.yaml"
 WER_FILE = "wer.json"
 SCORES_FILE = "scores.jsonl"
 SUMMARY_FILE = "summary.json"
+ZEROSPEECH_DIR = "zerospeech"  # in a benchmark's folder: scores in the ZeroSpeech 2021 submission layout
+TASKS_DIR = "tasks"  # under evaluations/: one folder per evaluate_run Slurm submission
 _EPOCH_RE = re.compile(r"^epoch_(\d+)$")
 _STEP_RE = re.compile(r"^global_step_(\d+)$")
 # Hidden names of a checkpoint being written (ssi.files.atomic_output_dir) or deleted, by process id.
@@ -78,6 +81,11 @@ def generations_dir(run: Path, epoch: int, step: int, dataset: str, split: str) 
 
 def evaluations_dir(run: Path, epoch: int, step: int, benchmark: str) -> Path:
     return Path(run) / EVALUATIONS_DIR / step_dirs(epoch, step) / benchmark
+
+
+def evaluation_tasks_dir(run: Path, stamp: str) -> Path:
+    """Where one `scripts/evaluate_run.py launcher=slurm` submission keeps its task list and task logs."""
+    return Path(run) / EVALUATIONS_DIR / TASKS_DIR / stamp
 
 
 def training_state_dir(ckpt_dir: str | Path) -> Path:

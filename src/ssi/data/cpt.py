@@ -13,6 +13,10 @@ Sequence types (docs/data.md schema in, token ids out):
 Speech for words [a, b) is `speech[floor(start_a * fps) : ceil(end_{b-1} * fps)]`. Every random choice
 comes from a generator seeded by (seed, epoch, index), so a sample is the same whichever worker, rank
 or resume point builds it. DSU spans never go through BPE: their ids come from the vocabulary (`SpeechVocab.dsu_ids`).
+
+The pieces a sequence is made of (`modality_token_ids`, `speech_token_ids`, `text_token_ids`,
+`assemble`) are public: likelihood benchmarks (`ssi.eval.sequences`) build their prompts with them, so
+a benchmark item reads like a training sequence of the run it evaluates.
 """
 
 from __future__ import annotations
@@ -59,6 +63,41 @@ def dedup_units(units: np.ndarray) -> np.ndarray:
     keep[0] = True
     np.not_equal(units[1:], units[:-1], out=keep[1:])
     return units[keep]
+
+
+Part = tuple[int | None, list[int] | np.ndarray]  # (modality token or None, the span's ids)
+
+
+def modality_token_ids(vocab: SpeechVocab, enabled: bool) -> tuple[int | None, int | None]:
+    """(`<extra_id_MM_TEXT>`, `<extra_id_MM_SPEECH>`) ids when `sequence.modality_tokens`, else (None, None)."""
+    if not enabled:
+        return None, None
+    if not vocab.modality_tokens:
+        raise DataValidationError("sequence.modality_tokens=true but the model was extended without modality tokens")
+    return vocab.text_token_id, vocab.speech_token_id
+
+
+def speech_token_ids(units: np.ndarray, vocab: SpeechVocab, dedup: bool) -> np.ndarray:
+    """Token ids of one speech span: units (deduplicated when `sequence.dedup`) mapped into the DSU range."""
+    return vocab.dsu_ids(dedup_units(units) if dedup else units)
+
+
+def text_token_ids(tokenizer: SpeechLlama3Tokenizer, text: str, continuation: bool = False) -> list[int]:
+    """BPE ids of one text span; a `continuation` of text already in the span starts with a space, as every
+    word after the first does in an interleaved span."""
+    return tokenizer.tt_model.encode((" " if continuation else "") + text.strip(), add_bos=False, add_eos=False)
+
+
+def assemble(parts: list[Part], bos_id: int | None, eos_id: int | None) -> list[int]:
+    """`[BOS] [modality] span [modality] span ... [EOS]`: the layout of every CPT sequence."""
+    tokens = [bos_id] if bos_id is not None else []
+    for modality, ids in parts:
+        if modality is not None:
+            tokens.append(modality)
+        tokens.extend(ids.tolist() if isinstance(ids, np.ndarray) else ids)
+    if eos_id is not None:
+        tokens.append(eos_id)
+    return tokens
 
 
 @dataclass(frozen=True)
@@ -198,10 +237,7 @@ class CPTDataset(torch.utils.data.Dataset):
         if tokenizer.vocab is None:
             raise DataValidationError("the CPT dataset needs a speech-extended tokenizer (a model with ssi.json)")
         self.vocab: SpeechVocab = tokenizer.vocab
-        if options.modality_tokens and not self.vocab.modality_tokens:
-            raise DataValidationError(
-                "sequence.modality_tokens=true but the model was extended without modality tokens"
-            )
+        self._text_id, self._speech_id = modality_token_ids(self.vocab, options.modality_tokens)
         self.ds, self.tokenizer, self.fps, self.options = ds, tokenizer, fps, options
         self.columns = columns or ColumnNames()
         self.epoch = 0
@@ -213,8 +249,6 @@ class CPTDataset(torch.utils.data.Dataset):
             self._probs = weights / weights.sum()
         else:
             self._types, self._probs = [options.sequence_type], np.ones(1)
-        self._text_id = self.vocab.text_token_id if options.modality_tokens else None
-        self._speech_id = self.vocab.speech_token_id if options.modality_tokens else None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's random draws (span lengths, first modality, mixture type)."""
@@ -235,13 +269,13 @@ class CPTDataset(torch.utils.data.Dataset):
         if len(self._types) > 1:
             kind = self._types[int(rng.choice(len(self._types), p=self._probs))]
         speech = np.asarray(row[cols.speech], dtype=np.int64)
-        parts: list[tuple[int | None, list[int] | np.ndarray]] = []  # (modality token, ids)
+        parts: list[Part] = []
         if kind == "interleaved":
             parts, n_frames = self._interleaved(row, speech, rng)
         else:
-            text = self.tokenizer.tt_model.encode(row[cols.transcript].strip(), add_bos=False, add_eos=False)
+            text = text_token_ids(self.tokenizer, row[cols.transcript])
             n_frames = speech.size
-            dsus = self._dsu_ids(speech)
+            dsus = speech_token_ids(speech, self.vocab, self.options.dedup)
             order = {
                 "concatenated_txt_dsu": [(self._text_id, text), (self._speech_id, dsus)],
                 "concatenated_dsu_txt": [(self._speech_id, dsus), (self._text_id, text)],
@@ -249,44 +283,31 @@ class CPTDataset(torch.utils.data.Dataset):
                 "text_only": [(self._text_id, text)],
             }
             parts = order[kind]
-        tokens = [self.tokenizer.bos_id] if self.options.add_bos else []
-        n_dsu = 0
-        for modality, ids in parts:
-            if modality is not None:
-                tokens.append(modality)
-            if isinstance(ids, np.ndarray):
-                n_dsu += ids.size
-                tokens.extend(ids.tolist())
-            else:
-                tokens.extend(ids)
-        if self.options.add_eos:
-            tokens.append(self.tokenizer.eos_id)
+        tokens = assemble(
+            parts,
+            self.tokenizer.bos_id if self.options.add_bos else None,
+            self.tokenizer.eos_id if self.options.add_eos else None,
+        )
+        n_dsu = sum(ids.size for _, ids in parts if isinstance(ids, np.ndarray))
         limit = self.options.max_seq_len
         truncated = limit is not None and len(tokens) > limit
         if truncated:
             tokens = tokens[:limit]
         return CPTSample(str(row[cols.id]), kind, tokens, n_frames, n_dsu, truncated)
 
-    def _dsu_ids(self, units: np.ndarray) -> np.ndarray:
-        if self.options.dedup:
-            units = dedup_units(units)
-        return self.vocab.dsu_ids(units)
-
-    def _interleaved(
-        self, row: dict[str, Any], speech: np.ndarray, rng: np.random.Generator
-    ) -> tuple[list[tuple[int | None, list[int] | np.ndarray]], int]:
+    def _interleaved(self, row: dict[str, Any], speech: np.ndarray, rng: np.random.Generator) -> tuple[list[Part], int]:
         cols = self.columns
         words: list[str] = row[cols.words]
         starts, ends = row[cols.start], row[cols.end]
         cuts = self.options.span.boundaries(rng, len(words))
         is_speech = bool(rng.integers(2))
-        parts: list[tuple[int | None, list[int] | np.ndarray]] = []
+        parts: list[Part] = []
         n_frames = 0
         for a, b in itertools.pairwise(cuts):
             if is_speech:
                 lo, hi = speech_span(starts, ends, a, b, self.fps, speech.size)
                 n_frames += hi - lo
-                parts.append((self._speech_id, self._dsu_ids(speech[lo:hi])))
+                parts.append((self._speech_id, speech_token_ids(speech[lo:hi], self.vocab, self.options.dedup)))
             else:
                 parts.append((self._text_id, self._words.span(words[a:b])))
             is_speech = not is_speech
