@@ -1,6 +1,7 @@
 """Generation: sampling options both backends honour (`sampling`), the PyTorch backend (`torch_backend`), the
-vLLM backend (`vllm_backend`), prompts built by the training data pipeline (`prompts`), and the command
-that writes and scores a split (`pipeline`)."""
+vLLM backend (`vllm_backend`), beam search in both (`beam`), prompts built by the training data pipeline
+(`prompts`), the command that writes and scores a split (`pipeline`), and the command that evaluates every
+checkpoint of a run (`every_checkpoint`)."""
 
 
 class GenerationError(ValueError):

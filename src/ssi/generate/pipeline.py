@@ -17,49 +17,39 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ssi import devices, report_error, run_dir, setup_cli_logging
+from ssi import loggers, report_error, run_dir, setup_cli_logging
 from ssi.config import MissingSettingError, required, to_container
 from ssi.data import DataValidationError
-from ssi.dtypes import DtypeError, parse_dtype, short_name
+from ssi.eval.pipeline import EXIT_OUTPUT_EXISTS  # read by scripts/evaluate_run.py as "already done"
 from ssi.eval.scoring import format_summary, score_generations
 from ssi.eval.wer import WerInputError
 from ssi.files import atomic_output_dir
 from ssi.generate import GenerationError
+from ssi.generate.beam import BeamOptions, beam_search_torch, beam_search_vllm, best_completions
 from ssi.generate.prompts import Prompt, build_prompts, dataset_name_from_source, resolve_data_config, resolve_split
 from ssi.generate.sampling import FINISH_LENGTH, FINISH_STOP, Completion, SamplingOptions
-from ssi.generate.torch_backend import generate_torch, load_torch_model
-from ssi.generate.vllm_backend import generate_vllm, start_vllm, stop_vllm
+from ssi.generate.torch_backend import generate_torch
+from ssi.generate.vllm_backend import generate_vllm
 from ssi.model.architecture import CheckpointError
 from ssi.model.checkpointer import SpeechCheckpointer
+from ssi.model.engines import EngineError, stop_vllm, torch_engine, vllm_engine
 from ssi.versions import package_versions
 from ssi.vocab.tiktoken import SpeechLlama3Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("vllm", "torch")
-EXIT_OUTPUT_EXISTS = 3  # read by snippets/generation_launcher.sh as "already generated"
 
 
 class OutputExistsError(GenerationError, FileExistsError):
     """The output directory exists and overwrite=false: `main` exits with EXIT_OUTPUT_EXISTS, which
-    snippets/generation_launcher.sh reads as "already generated"."""
-
-
-def resolve_dtype(name: str, checkpointer: SpeechCheckpointer) -> torch.dtype:
-    """`auto` = the dtype the checkpoint's config.json declares (what it was trained and saved in)."""
-    if name == "auto":
-        return checkpointer.source_dtype
-    try:
-        return parse_dtype(name)
-    except DtypeError as err:
-        raise GenerationError(str(err)) from None
+    scripts/evaluate_run.py reads as "already done"."""
 
 
 def _run_vllm(
@@ -68,26 +58,30 @@ def _run_vllm(
     prompts: list[list[int]],
     stop_ids: list[int],
     sampling: SamplingOptions,
+    beam: BeamOptions,
     max_model_len: int,
 ) -> tuple[list[Completion], dict[str, Any], float]:
     settings = to_container(cfg.vllm)
-    dtype = resolve_dtype(str(settings["dtype"]), checkpointer)
-    settings["resolved_dtype"] = short_name(dtype)
-    llm = start_vllm(
-        checkpointer.checkpoint_dir,
-        max_model_len=max_model_len,
-        dtype=dtype,
-        gpu_memory_utilization=settings["gpu_memory_utilization"],
-        enforce_eager=settings["enforce_eager"],
-        tensor_parallel_size=int(settings["tensor_parallel_size"]),
-        seed=sampling.seed,
-        engine_kwargs=settings["engine_kwargs"],
-    )
+    engine_kwargs = beam.engine_kwargs(settings["engine_kwargs"])
+    llm, settings = vllm_engine(checkpointer, settings, max_model_len, seed=sampling.seed, engine_kwargs=engine_kwargs)
+    progress = bool(cfg.progress)
     try:
         t0 = time.perf_counter()
-        completions = generate_vllm(
-            llm, prompts, stop_ids=stop_ids, sampling=sampling, max_model_len=max_model_len, progress=bool(cfg.progress)
-        )
+        if beam.enabled:
+            found = beam_search_vllm(
+                llm,
+                prompts,
+                options=beam,
+                stop_ids=stop_ids,
+                max_tokens=sampling.max_tokens,
+                max_model_len=max_model_len,
+                progress=progress,
+            )
+            completions = best_completions(found, prompts, stop_ids)
+        else:
+            completions = generate_vllm(
+                llm, prompts, stop_ids=stop_ids, sampling=sampling, max_model_len=max_model_len, progress=progress
+            )
         return completions, settings, time.perf_counter() - t0
     finally:
         stop_vllm(llm)
@@ -102,29 +96,25 @@ def _run_torch(
     stop_ids: list[int],
     pad_id: int,
     sampling: SamplingOptions,
+    beam: BeamOptions,
     max_model_len: int,
 ) -> tuple[list[Completion], dict[str, Any], float]:
-    settings = to_container(cfg.torch)
-    try:
-        device = devices.resolve_device(str(settings["device"]))
-    except ValueError as err:
-        raise GenerationError(f"torch.device: {err}") from None
-    dtype = resolve_dtype(str(settings["dtype"]), checkpointer)
-    settings |= {"resolved_device": str(device), "resolved_dtype": short_name(dtype)}
-    model = load_torch_model(checkpointer, max_model_len, device, dtype)
+    model, device, dtype, settings = torch_engine(checkpointer, to_container(cfg.torch), max_model_len)
+    common = {
+        "stop_ids": stop_ids,
+        "pad_id": pad_id,
+        "max_model_len": max_model_len,
+        "batch_size": int(settings["batch_size"]),
+        "device": device,
+        "dtype": dtype,
+        "progress": bool(cfg.progress),
+    }
     t0 = time.perf_counter()
-    completions = generate_torch(
-        model,
-        prompts,
-        stop_ids=stop_ids,
-        pad_id=pad_id,
-        sampling=sampling,
-        max_model_len=max_model_len,
-        batch_size=int(settings["batch_size"]),
-        device=device,
-        dtype=dtype,
-        progress=bool(cfg.progress),
-    )
+    if beam.enabled:
+        found = beam_search_torch(model, prompts, options=beam, max_tokens=sampling.max_tokens, **common)
+        completions = best_completions(found, prompts, stop_ids)
+    else:
+        completions = generate_torch(model, prompts, sampling=sampling, **common)
     return completions, settings, time.perf_counter() - t0
 
 
@@ -147,24 +137,29 @@ def _jsonl(prompts: Sequence[Prompt], completions: Sequence[Completion], tokeniz
     return "\n".join(lines) + "\n"
 
 
-def run_generation(cfg: DictConfig) -> dict[str, Any]:
-    """Generate one split with one checkpoint, write the outputs atomically and (unless `score=false`)
-    score them. Returns the contents of generation_config.yaml, plus `wer` when scored."""
+@dataclass(frozen=True)
+class GenerationTarget:
+    """What `generate.py` would read and where it would write, decided from the configuration alone."""
+
+    model_dir: Path
+    location: run_dir.CheckpointLocation
+    data: DictConfig
+    data_source: str
+    section: str
+    split: str
+    dataset_name: str
+    output_dir: Path
+
+
+def generation_target(cfg: DictConfig) -> GenerationTarget:
+    """The data preset, split and output directory of a configuration (the every-checkpoint command uses
+    it to skip what exists without starting anything)."""
     try:
         model_dir = Path(required(cfg, "model", " (a checkpoint or speech-extended model directory)"))
     except MissingSettingError as err:
         raise GenerationError(str(err)) from None
     if not model_dir.is_dir():
         raise GenerationError(f"model={model_dir} is not a directory (give a checkpoint or extended model dir)")
-    backend = str(cfg.backend)
-    if backend not in BACKENDS:
-        raise GenerationError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    progress = bool(cfg.progress)
-    sampling = SamplingOptions.from_config(to_container(cfg.sampling_params))
-    try:
-        checkpointer = SpeechCheckpointer(model_dir, progress=progress)
-    except CheckpointError as err:
-        raise GenerationError(str(err)) from None
     location = run_dir.locate_checkpoint(model_dir)
     data, data_source = resolve_data_config(cfg, location, model_dir)
     section, split_name = resolve_split(data, str(cfg.gen.split))
@@ -172,15 +167,35 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
     if cfg.gen.output_dir is not None:
         out_dir = Path(cfg.gen.output_dir)
     elif location.run_dir is not None:
+        assert location.epoch is not None and location.step is not None
         out_dir = run_dir.generations_dir(location.run_dir, location.epoch, location.step, dataset_name, split_name)
     else:  # resolve_data_config let it through because data= was given
         raise GenerationError(
             f"{model_dir} is not a checkpoint inside a run directory: give gen.output_dir=<dir> for its generations"
         )
+    return GenerationTarget(model_dir, location, data, data_source, section, split_name, dataset_name, out_dir)
+
+
+def run_generation(cfg: DictConfig) -> dict[str, Any]:
+    """Generate one split with one checkpoint, write the outputs atomically and (unless `score=false`)
+    score them. Returns the contents of generation_config.yaml, plus `wer` when scored."""
+    target = generation_target(cfg)
+    model_dir, location, data, data_source = target.model_dir, target.location, target.data, target.data_source
+    section, split_name, dataset_name, out_dir = target.section, target.split, target.dataset_name, target.output_dir
+    backend = str(cfg.backend)
+    if backend not in BACKENDS:
+        raise GenerationError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    progress = bool(cfg.progress)
+    sampling = SamplingOptions.from_config(to_container(cfg.sampling_params))
+    beam = BeamOptions.from_config(to_container(cfg.beam_search))
+    beam.check_sampling(sampling)
     overwrite = bool(cfg.overwrite)
     if out_dir.exists() and not overwrite:  # before any work: generating first and failing then wastes hours
         raise OutputExistsError(f"{out_dir} already exists; pass overwrite=true to replace it")
-
+    try:
+        checkpointer = SpeechCheckpointer(model_dir, progress=progress)
+    except CheckpointError as err:
+        raise GenerationError(str(err)) from None
     tokenizer = load_tokenizer(model_dir, checkpointer.vocab)
     prompts = build_prompts(data, section, split_name, tokenizer, progress)
     longest = max(len(p.token_ids) for p in prompts)
@@ -207,11 +222,11 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
     )
     if backend == "vllm":
         completions, backend_settings, elapsed = _run_vllm(
-            cfg, checkpointer, token_lists, stop_ids, sampling, max_model_len
+            cfg, checkpointer, token_lists, stop_ids, sampling, beam, max_model_len
         )
     else:
         completions, backend_settings, elapsed = _run_torch(
-            cfg, checkpointer, token_lists, stop_ids, tokenizer.pad_id, sampling, max_model_len
+            cfg, checkpointer, token_lists, stop_ids, tokenizer.pad_id, sampling, beam, max_model_len
         )
     n_tokens = sum(len(c.token_ids) for c in completions)
     record: dict[str, Any] = {
@@ -221,7 +236,9 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
         "global_step": location.step,
         "backend": backend,
         "backend_settings": backend_settings,
+        "decoding": "beam_search" if beam.enabled else "sampling",
         "sampling_params": asdict(sampling),
+        "beam_search": beam.record() if beam.enabled else None,
         "stop_token_ids": stop_ids,
         "max_model_len": max_model_len,
         "scoring": {"enabled": bool(cfg.score), **to_container(cfg.wer)},
@@ -260,6 +277,9 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
         )
         print(format_summary(summary))
         record["wer"] = summary["wer"]
+        if cfg.log_metrics and cfg.gen.output_dir is None and location.run_dir is not None:
+            metric = f"wer/{dataset_name}/{split_name}" + (f"/beam{beam.width}" if beam.enabled else "")
+            loggers.log_evaluation(location.run_dir, location.step, {metric: summary["wer"]})
     return record
 
 
@@ -271,6 +291,6 @@ def main(cfg: DictConfig) -> int:
         run_generation(cfg)
     except OutputExistsError as err:
         return report_error(err, EXIT_OUTPUT_EXISTS)
-    except (GenerationError, CheckpointError, DataValidationError, WerInputError, FileExistsError) as err:
+    except (GenerationError, EngineError, CheckpointError, DataValidationError, WerInputError, FileExistsError) as err:
         return report_error(err)
     return 0
