@@ -22,7 +22,7 @@ from ssi.encode.pipeline import encode_audio
 from ssi.generate.pipeline import run_generation
 from ssi.train.recipe import SpeechTrainingRecipe
 
-from .test_slurm import _slurm_unavailable
+from .slurm_cluster import needs_slurm
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def test_mimi_from_audio_to_transcripts(tiny_extended_dir: Path, audio: Path, tm
 
 
 @pytest.mark.slurm
-@pytest.mark.skipif(_slurm_unavailable() is not None, reason=_slurm_unavailable() or "")
+@needs_slurm
 def test_slurm_array_shards_equal_a_single_run(audio: Path, tmp_path: Path) -> None:
     hubert = write_tiny_hubert(tmp_path / "hubert")
     np.save(tmp_path / "km.npy", np.random.default_rng(0).standard_normal((K, 32)).astype(np.float32))

@@ -7,10 +7,7 @@ same checkpoint and compares against the vLLM output where that proves something
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -277,27 +274,6 @@ def test_bad_prompts_are_refused_before_generating(run_dir: Path, corpus: Path, 
     ):
         run_generation(gen_cfg(*base, "gen.max_model_len=30"))
     assert not (tmp_path / "out").exists()
-
-
-def test_launcher_generates_only_checkpoints_without_generations(vllm_record, run_dir: Path) -> None:
-    """Step 300 has the vLLM generations; the launcher fills in step 150 and skips 300."""
-    step150 = checkpoint(run_dir, 150)
-    env = {**os.environ, "SSI_PYTHON": sys.executable, "PYTHONPATH": str(REPO / "src")}
-    launcher = [str(REPO / "snippets/generation_launcher.sh"), str(run_dir)]
-    extra = ["--", "backend=torch", "progress=false", "sampling_params.max_tokens=8"]
-    epoch300 = checkpoint(run_dir, 300).parent.name.removeprefix("epoch_")
-    only300 = subprocess.run([*launcher, epoch300, *extra], capture_output=True, text=True, env=env, timeout=600)
-    assert only300.returncode == 0, only300.stderr
-    assert "0 generated, 1 already done, 0 failed (1 checkpoints)" in only300.stdout
-    both = subprocess.run([*launcher, *extra], capture_output=True, text=True, env=env, timeout=600)
-    assert both.returncode == 0, both.stderr
-    assert "1 generated, 1 already done, 0 failed (2 checkpoints)" in both.stdout
-    out = run_dir / "generations" / step150.parent.name / "global_step_150" / "corpus" / "test"
-    assert (out / GENERATIONS_FILE).is_file() and (out / "wer.json").is_file()
-    assert "prompts/s" in both.stdout and "WER " in both.stdout
-    assert yaml.safe_load((out / GENERATION_CONFIG_FILE).read_text())["backend"] == "torch"
-    bad = subprocess.run([*launcher[:1], str(run_dir / "checkpoints")], capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and "not a training run directory" in bad.stderr
 
 
 # --- units ---------------------------------------------------------------------------------------------

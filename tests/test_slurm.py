@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -18,22 +17,16 @@ import pytest
 
 from ssi.run_dir import read_metrics as metrics
 
+from .slurm_cluster import needs_slurm
 from .test_train_recipe import corpus, final_weights, overrides, run  # noqa: F401 (corpus is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _slurm_unavailable() -> str | None:
-    if shutil.which("sbatch") is None:
-        return "Slurm is not installed (start a local cluster: sudo snippets/local_slurm.sh start)"
-    status = subprocess.run(["bash", str(REPO / "snippets/local_slurm.sh"), "status"], capture_output=True)
-    return None if status.returncode == 0 else "no Slurm partition answers (sudo snippets/local_slurm.sh start)"
-
-
 pytestmark = [
     pytest.mark.slurm,
     pytest.mark.slow,
-    pytest.mark.skipif(_slurm_unavailable() is not None, reason=_slurm_unavailable() or ""),
+    needs_slurm,
 ]
 
 

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from ssi.run_dir import generations_dir, list_checkpoints, read_metrics
 from ssi.train.preemption import EXIT_PREEMPTED
 from ssi.train.sweep import MAX_NAME_CHARS, SweepError, SweepJobFailed, SweptKeysAreCells, bind_job, cell_name, end_job
 
+from .slurm_cluster import needs_slurm
 from .test_train_recipe import corpus, final_weights, overrides, run  # noqa: F401 (corpus is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,16 +246,6 @@ def test_cpt_then_sft_per_cell_with_the_chain_snippet(tiny_extended_dir, corpus,
 
 
 # --- the local Slurm cluster ---------------------------------------------------------------------------------
-
-
-def _slurm_unavailable() -> str | None:
-    if shutil.which("sbatch") is None:
-        return "Slurm is not installed (start a local cluster: sudo snippets/local_slurm.sh start)"
-    status = subprocess.run(["bash", str(REPO / "snippets/local_slurm.sh"), "status"], capture_output=True)
-    return None if status.returncode == 0 else "no Slurm partition answers (sudo snippets/local_slurm.sh start)"
-
-
-needs_slurm = pytest.mark.skipif(_slurm_unavailable() is not None, reason=_slurm_unavailable() or "")
 
 
 @pytest.fixture
