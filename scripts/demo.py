@@ -3,12 +3,17 @@
 
 1. scripts/make_tiny_llama.py         a small Llama-3.2-shaped base model (random weights, real tokenizer files)
 2. scripts/make_synthetic_dataset.py  a synthetic DSU corpus in the MLS schema (learnable "phones")
-3. scripts/extend_llama3_2.py         + 300 DSU tokens and the two modality tokens
-4. scripts/generate.py                WER of the extended, untrained model (vLLM; torch if vLLM cannot start)
-5. recipes/cpt.py                     continued pre-training on interleaved speech/text
-6. recipes/sft.py                     ASR fine-tuning from the last CPT checkpoint
-7. scripts/generate.py                WER after SFT
-8. scripts/plot_losses.py             train/dev loss curves of CPT and SFT
+3. scripts/convert_benchmark.py       a likelihood benchmark from its test split: real speech vs word-shuffled speech
+4. scripts/extend_llama3_2.py         + 300 DSU tokens and the two modality tokens
+5. scripts/generate.py                WER of the extended, untrained model (vLLM; torch if vLLM cannot start)
+6. scripts/evaluate.py                benchmark accuracy of the untrained model
+7. recipes/cpt.py                     continued pre-training on interleaved speech/text
+8. scripts/evaluate_run.py            benchmark accuracy of every CPT checkpoint (results in the CPT run)
+9. recipes/sft.py                     ASR fine-tuning from the last CPT checkpoint
+10. scripts/generate.py               WER after SFT
+11. scripts/evaluate.py               benchmark accuracy after SFT
+12. scripts/plot_losses.py            train/dev loss curves of CPT and SFT
+13. scripts/report.py                 one table across both runs: losses, WER, benchmark accuracy per checkpoint
 
   python scripts/demo.py [--out demo_outputs] [--cpt_steps 400] [--sft_steps 2000] [--overwrite]
 """
@@ -60,6 +65,12 @@ def generate(title: str, model: Path, extra: list[str]) -> tuple[float, str]:
     return seconds, backend
 
 
+def benchmark_accuracy(results: Path) -> float:
+    """Accuracy from the summary.json of an evaluation (the only one under `results`)."""
+    (summary,) = results.rglob("summary.json")
+    return json.loads(summary.read_text())["accuracy"]
+
+
 def run_summary(run_dir: Path) -> dict[str, float]:
     from ssi.run_dir import read_metrics, series
 
@@ -98,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     base, model = out / "models/Llama-3.2-tiny", out / f"models/Llama-3.2-tiny-{N_DSUS}-dsus"
     corpus, cpt_run, sft_run = out / "data/synthetic", out / "runs/cpt", out / "runs/sft"
+    benchmark = out / "benchmarks/synthetic_test.jsonl"
+    report = out / "report"
+    # The benchmark is scored with the PyTorch backend: exact, and no engine start for 200 short items.
+    evaluate = ["scripts/evaluate.py", f"benchmark={benchmark}", "backend=torch", "progress=false"]
     data = [f"data.train.dataset.source={corpus}"]
     # Both recipes collapse repeated units (dedup): the model reads one token per "phone", not per frame.
     common = [
@@ -109,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         "log_steps=25",
     ]
     try:
-        run_step("1/8 base model", ["scripts/make_tiny_llama.py", "--output_dir", str(base)])
+        run_step("1/13 base model", ["scripts/make_tiny_llama.py", "--output_dir", str(base)])
         run_step(
-            "2/8 synthetic corpus",
+            "2/13 synthetic corpus",
             [
                 "scripts/make_synthetic_dataset.py",
                 "--output_dir",
@@ -127,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
         run_step(
-            "3/8 extend the vocabulary",
+            "3/13 likelihood benchmark from the test split",
+            ["scripts/convert_benchmark.py", "synthetic", "--corpus", str(corpus), "--output", str(benchmark)],
+        )
+        run_step(
+            "4/13 extend the vocabulary",
             [
                 "scripts/extend_llama3_2.py",
                 "--n_new_dsus",
@@ -144,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
         _, backend_before = generate(
-            "4/8 WER before training",
+            "5/13 WER before training",
             model,
             [
                 "data=sft/synthetic",
@@ -153,8 +172,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"gen.output_dir={out / 'generations/untrained'}",
             ],
         )
+        run_step(
+            "6/13 benchmark accuracy before training",
+            # outside a run: build sequences as the CPT run will (deduplicated units)
+            [*evaluate, f"model={model}", f"output_dir={out / 'evaluations/untrained'}", "sequence.dedup=true"],
+        )
         cpt_s = run_step(
-            "5/8 CPT",
+            "7/13 CPT",
             [
                 "recipes/cpt.py",
                 "data=cpt/synthetic",
@@ -168,8 +192,13 @@ def main(argv: list[str] | None = None) -> int:
                 "lr_scheduler.num_warmup_steps=20",
             ],
         )
+        run_step(
+            "8/13 benchmark accuracy of every CPT checkpoint",
+            ["scripts/evaluate_run.py", f"run={cpt_run}", "test_sets=[]", f"benchmarks=[{benchmark}]",
+             "evaluate.backend=torch", "evaluate.progress=false"],
+        )  # fmt: skip
         sft_s = run_step(
-            "6/8 SFT",
+            "9/13 SFT",
             [
                 "recipes/sft.py",
                 "data=sft/synthetic",
@@ -184,10 +213,14 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
         final = last_checkpoint(sft_run)
-        _, backend_after = generate("7/8 WER after SFT", final, [])
+        _, backend_after = generate("10/13 WER after SFT", final, [])
+        run_step("11/13 benchmark accuracy after SFT", [*evaluate, f"model={final}"])
         run_step(
-            "8/8 loss curves",
+            "12/13 loss curves",
             ["scripts/plot_losses.py", str(cpt_run), str(sft_run), "--output", str(out / "losses.png")],
+        )
+        run_step(
+            "13/13 report across the runs", ["scripts/report.py", str(cpt_run), str(sft_run), "--output", str(report)]
         )
     except StepFailed as err:
         print(f"\ndemo failed: {err}", file=sys.stderr)
@@ -221,9 +254,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nWER on the synthetic test split ({wer_after['n_utterances']} utterances, whisper normaliser):")
     print(f"  extended base model, untrained : {100 * wer_before['wer']:6.1f}%   ({backend_before})")
     print(f"  after CPT + SFT                : {100 * wer_after['wer']:6.1f}%   ({backend_after})")
+    accuracy = {
+        "untrained": benchmark_accuracy(out / "evaluations/untrained"),
+        "cpt": benchmark_accuracy(cpt_run / "evaluations"),
+        "sft": benchmark_accuracy(sft_run / "evaluations"),
+    }
+    n_items = sum(1 for line in benchmark.read_text().splitlines() if line.strip())
+    print(f"\nBenchmark accuracy on the synthetic test split ({n_items} items: real vs word-shuffled speech):")
+    print(f"  extended base model, untrained : {100 * accuracy['untrained']:6.1f}%")
+    print(f"  after CPT                      : {100 * accuracy['cpt']:6.1f}%")
+    print(f"  after CPT + SFT                : {100 * accuracy['sft']:6.1f}%")
     print(
-        f"\noutputs: {out}\n  models     {model}\n  CPT run    {cpt_run}\n  SFT run    {sft_run}"
-        f"\n  final ckpt {final}\n  loss plot  {out / 'losses.png'}\n  total      {time.perf_counter() - started:.0f} s"
+        f"\noutputs: {out}\n  models     {model}\n  benchmark  {benchmark}"
+        f"\n  CPT run    {cpt_run}\n  SFT run    {sft_run}"
+        f"\n  final ckpt {final}\n  loss plot  {out / 'losses.png'}\n  report     {report / 'report.md'}"
+        f"\n  total      {time.perf_counter() - started:.0f} s"
     )
     return 0
 
