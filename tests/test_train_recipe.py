@@ -100,7 +100,9 @@ def test_cpt_learns_and_checkpoint_loads_in_transformers(tiny_extended_dir, corp
     with torch.no_grad():
         ours = recipe.model(tokens)
         theirs = hf(tokens).logits
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    # two fp32 implementations summing in different orders: ~1e-5 apart on trained logits; a wrong weight or
+    # RoPE layout is off by O(1)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     assert (tmp_path / "run/torchtune_config.yaml").is_file()
 
 
