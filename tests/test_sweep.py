@@ -166,6 +166,16 @@ def test_multirun_needs_a_sweep_dir(tiny_extended_dir, corpus, tmp_path) -> None
     )
 
 
+def test_failed_cells_end_the_sweep_with_one_line_each_and_no_traceback(tmp_path, corpus) -> None:  # noqa: F811
+    missing = tmp_path / "no_such_model"
+    args = cell_args("cpt", missing, corpus, "max_steps=1", "seed=1,2")
+    failed = subprocess.run(sweep_cmd("cpt", tmp_path / "sweep", *args), capture_output=True, text=True,
+                            timeout=180, env={**os.environ, "HYDRA_FULL_ERROR": ""})  # fmt: skip
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    assert str(missing) in failed.stderr  # each cell's own error names the path
+    assert "cpt job seed-1 failed with exit code 2" in failed.stderr
+
+
 @pytest.fixture
 def multirun_job(tmp_path: Path):
     """Hydra's state inside job 0 of a multirun whose job directory is tmp_path/root/seed-1."""

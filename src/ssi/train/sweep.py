@@ -32,6 +32,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
@@ -48,8 +49,11 @@ class SweepError(ValueError):
     """A multirun set-up that would put jobs into the wrong run directory."""
 
 
-class SweepJobFailed(RuntimeError):
-    """A sweep job that ended with a non-zero code; Hydra records it as failed and goes on with the others."""
+class SweepJobFailed(RuntimeError, CompactHydraException):
+    """A sweep job that ended with a non-zero code; Hydra records it as failed and goes on with the others.
+
+    A compact Hydra error: Hydra ends the sweep with this one line, not a traceback (the job's own error is
+    already logged)."""
 
 
 def in_multirun() -> bool:
