@@ -14,15 +14,14 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
 from ssi.encode.fixtures import mixed_clips, write_audiofolder, write_tiny_hubert, write_tiny_mimi
 from ssi.encode.kmeans import load_centroids
 from ssi.encode.pipeline import encode_audio
 from ssi.generate.pipeline import run_generation
-from ssi.train.recipe import SpeechTrainingRecipe
 
 from .slurm_cluster import needs_slurm
+from .test_train_recipe import make_cfg, run
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -43,37 +42,30 @@ def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return done
 
 
-def compose_cfg(config: str, *overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose(config_name=config, overrides=list(overrides))
-
-
 def sft(model: Path, data: list[str], out: Path) -> Path:
     """Three SFT steps on the encoded folder; returns the checkpoint."""
     args = ["size=tiny", "data=sft/synthetic", f"model={model}", f"output_dir={out}", "progress=false",
             "data.train.dataloader.batch_size=4", "max_steps=3", "save_steps=3", "eval_steps=3", *data]  # fmt: skip
-    recipe = SpeechTrainingRecipe(compose_cfg("sft", *args), "sft")
-    recipe.setup()
-    try:
-        assert recipe.train() == 0
-    finally:
-        recipe.cleanup()
+    _, code, _ = run("sft", args)
+    assert code == 0
     (checkpoint,) = (out / "checkpoints").glob("epoch_*/global_step_3")
     return checkpoint
 
 
 def generate(checkpoint: Path, preset: str, encoded: Path, n_units: int, out: Path) -> list[dict]:
     record = run_generation(
-        compose_cfg(
+        make_cfg(
             "generate",
-            f"model={checkpoint}",
-            "backend=torch",
-            f"data=sft/{preset}",
-            f"data.test.dataset.source={encoded}",
-            f"data.encoder.n_units={n_units}",
-            f"gen.output_dir={out}",
-            "sampling_params.max_tokens=4",
-            "progress=false",
+            [
+                f"model={checkpoint}",
+                "backend=torch",
+                f"data=sft/{preset}",
+                f"data.test.dataset.source={encoded}",
+                f"data.encoder.n_units={n_units}",
+                f"gen.output_dir={out}",
+                "sampling_params.max_tokens=4",
+                "progress=false",
+            ],
         )
     )
     assert record["backend"] == "torch"
@@ -95,7 +87,7 @@ def test_hubert_kmeans_from_audio_to_transcripts(tiny_extended_dir: Path, audio:
     encode = [f"encoder.model={hubert}", "encoder.layer=2", f"encoder.n_units={K}", f"encoder.kmeans={km}",
               f"source={audio}", f"output_dir={out}", "device=cpu", "progress=false"]  # fmt: skip
     script("encode_audio.py", *encode, "split=train", cwd=tmp_path)
-    encode_audio(compose_cfg("encode_audio", *encode, "split=test"))
+    encode_audio(make_cfg("encode_audio", [*encode, "split=test"]))
     units = np.concatenate([r["speech_tokens"] for r in datasets.load_dataset(str(out), split="train")])
     assert units.max() < K and len(np.unique(units)) > K // 4  # the trained k-means spreads the frames
 
@@ -115,7 +107,7 @@ def test_mimi_from_audio_to_transcripts(tiny_extended_dir: Path, audio: Path, tm
     for split in ("train", "test"):
         args = ["encoder=mimi_srvq0", f"encoder.model={mimi}", "encoder.n_units=256", f"source={audio}"]
         encode_audio(
-            compose_cfg("encode_audio", *args, f"split={split}", f"output_dir={out}", "device=cpu", "progress=false")
+            make_cfg("encode_audio", [*args, f"split={split}", f"output_dir={out}", "device=cpu", "progress=false"])
         )
     data = [f"data.train.dataset.source={out}", "data.dev.dataset.split=test", "data.encoder.n_units=256",
             "data.encoder.sampling_rate=24000", "data.encoder.downsampling_ratio=1920"]  # fmt: skip
@@ -141,7 +133,7 @@ def test_slurm_array_shards_equal_a_single_run(audio: Path, tmp_path: Path) -> N
     job = submit.stdout.strip().split(";")[0]
     try:
         single = tmp_path / "single"
-        encode_audio(compose_cfg("encode_audio", *encode, f"output_dir={single}", "progress=false"))
+        encode_audio(make_cfg("encode_audio", [*encode, f"output_dir={single}", "progress=false"]))
         deadline = time.monotonic() + 240
         while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
             assert time.monotonic() < deadline, "the array job did not finish in time"

@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hydra import compose, initialize_config_dir
 
 from ssi.eval.converters.blimp import blimp_items
 from ssi.eval.converters.cli import main as convert
@@ -25,7 +24,8 @@ from ssi.eval.converters.zerospeech import lexical_items, syntactic_items
 from ssi.eval.items import BenchmarkError, Segment, read_items
 from ssi.eval.pipeline import run_evaluation
 
-REPO = Path(__file__).resolve().parents[1]
+from .test_train_recipe import make_cfg
+
 LEXICAL_COLUMNS = ["filename", "id", "voice", "frequency", "word", "phones", "length", "correct"]
 SYNTACTIC_COLUMNS = ["filename", "type", "subtype", "id", "voice", "transcription", "correct"]
 
@@ -158,12 +158,8 @@ def test_zerospeech_submission_files_match_the_gold_set(
         items = tmp_path / f"{task}.jsonl"
         assert convert([f"zr2021-{task}", "--dataset", str(dataset), "--units", str(enc), "--output", str(items)]) == 0
         assert f"zr2021-{task}: wrote " in capsys.readouterr().out
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-            cfg = compose(
-                config_name="evaluate",
-                overrides=[f"model={tiny_extended_dir}", f"benchmark={items}", f"output_dir={tmp_path / 'out'}"],
-            )
-        summary = run_evaluation(cfg)
+        given = [f"model={tiny_extended_dir}", f"benchmark={items}", f"output_dir={tmp_path / 'out'}"]
+        summary = run_evaluation(make_cfg("evaluate", given))
         submission = tmp_path / "out" / task / "zerospeech" / task / "dev.txt"
         official = official_accuracy(dataset / task / "dev" / "gold.csv", submission, task)
         assert summary["zerospeech"][f"{task}/dev"]["accuracy"] == pytest.approx(official)

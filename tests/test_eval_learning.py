@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from ssi import loggers
 from ssi.data.synthetic import SyntheticSpec, make_synthetic_dataset
@@ -33,11 +32,12 @@ from ssi.generate.every_checkpoint import main as evaluate_run
 from ssi.model.checkpointer import SpeechCheckpointer
 from ssi.model.engines import load_torch_model
 from ssi.run_dir import list_checkpoints
-from ssi.train.recipe import SpeechTrainingRecipe, run_recipe
+from ssi.train.recipe import run_recipe
 from ssi.vocab.tiktoken import load_tokenizer
 
 from .conftest import N_TEST_DSUS
 from .slurm_cluster import needs_slurm
+from .test_train_recipe import make_cfg, run
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -101,13 +101,8 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, base_model: Path) -> T
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-            recipe = SpeechTrainingRecipe(compose(config_name="cpt", overrides=overrides), "cpt")
-        recipe.setup()
-        try:
-            assert recipe.train() == 0
-        finally:
-            recipe.cleanup()
+        recipe, code, _ = run("cpt", overrides)
+        assert code == 0
         del recipe  # torchtune's W&B logger finishes the current W&B run when collected: not later, mid-evaluation
         gc.collect()
     (root / "done").touch()
@@ -124,8 +119,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_extended_dir: Path):
 
 
 def eval_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose(config_name="evaluate", overrides=["progress=false", *overrides])
+    return make_cfg("evaluate", ["progress=false", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -379,9 +373,7 @@ def test_a_logger_whose_package_is_missing_fails_in_one_line(
         f"output_dir={tmp_path / 'run'}",
         f"metric_logger.{logger}.enabled=true",
     ]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose(config_name="cpt", overrides=overrides)
-    assert run_recipe(cfg, "cpt") == 2
+    assert run_recipe(make_cfg("cpt", overrides), "cpt") == 2
     err = capsys.readouterr().err
     assert (
         f"error: metric_logger.{logger}.enabled=true needs the {logger} package: pip install -e '.[{logger}]'\n" in err

