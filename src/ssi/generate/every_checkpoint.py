@@ -33,7 +33,7 @@ from ssi.generate import GenerationError
 from ssi.generate.pipeline import generation_target
 
 LAUNCHERS = ("local", "slurm", "print")
-SCRIPT_PREFIXES = {"generate": "generate", "evaluate": "evaluate"}  # argv prefix -> conf/<name>.yaml, scripts/<name>.py
+SCRIPT_PREFIXES = ("generate", "evaluate")  # a task's script: argv prefix, conf/<name>.yaml and scripts/<name>.py
 SLURM_SNIPPET = "snippets/evaluate_tasks.sbatch"
 
 
