@@ -3,7 +3,8 @@ ZeroSpeech 2021 submission files (docs/evaluation.md, "Outputs").
 
 An item is correct when the positive candidate scores higher than the negative, half correct on a tie
 (the ZeroSpeech and SALMon convention); accuracy is the mean over items, overall and per category. Items
-converted from ZeroSpeech also get the official aggregate: the mean over pairs of the mean over voices.
+converted from ZeroSpeech also get the official aggregates (the mean over pairs of the mean over voices, and
+the same per frequency band, word length or sentence type), which are what a paper's table quotes.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ssi.eval.items import BenchmarkError, Item
+from ssi.eval.items import BenchmarkError, Item, ZeroSpeechRef
 
 SCORES = ("sum", "mean")
 
@@ -92,19 +93,62 @@ def summarize(scores: Sequence[ItemScore]) -> dict[str, Any]:
     return summary
 
 
+# The official breakdowns of each task, and the order their rows are listed in.
+ZEROSPEECH_BREAKDOWNS = {"lexical": ("frequency", "length"), "syntactic": ("type",)}
+_BAND_ORDER = ("oov", "1-5", "6-20", "21-100", ">100")
+_BREAKDOWN_ORDER: dict[str, Callable[[str], Any]] = {
+    "frequency": lambda band: _BAND_ORDER.index(band) if band in _BAND_ORDER else len(_BAND_ORDER),
+    "length": lambda length: (0, int(length), "") if length.isdigit() else (1, 0, length),
+    "type": str,
+}
+
+
 def _zerospeech_aggregate(scores: Sequence[ItemScore]) -> dict[str, Any]:
-    """What the official scorer prints as the overall score of each task/split: the pair score averaged over
-    voices within a pair key, then over pair keys."""
-    groups: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    """What the official scorer reports for each task/split: the pair score averaged over voices within a pair
+    key (its `by_pair` table), then over pair keys (`accuracy`), and the same pair scores grouped by its
+    breakdowns (`by_frequency` and `by_length` for lexical, `by_type` for syntactic: `{n, score, std}` each)
+    with lexical `in_vocab` (the bands but `oov`, weighted by their pair counts)."""
+    groups: dict[tuple[str, str], dict[str, list[ItemScore]]] = defaultdict(lambda: defaultdict(list))
     for s in scores:
-        ref = s.item.zerospeech
-        assert ref is not None
-        groups[(ref.task, ref.split)][ref.pair].append(s.correct)
+        ref = _ref(s)
+        groups[(ref.task, ref.split)][ref.pair].append(s)
     out = {}
     for (task, split), pairs in sorted(groups.items()):
-        means = [sum(v) / len(v) for v in pairs.values()]
-        out[f"{task}/{split}"] = {"accuracy": sum(means) / len(means), "n_pairs": len(means)}
+        # per pair key: mean over voices; its breakdowns are those of its first item, as the scorer takes them
+        by_pair = [(_mean([s.correct for s in group]), dict(_ref(group[0]).groups)) for group in pairs.values()]
+        aggregate: dict[str, Any] = {"accuracy": _mean([score for score, _ in by_pair]), "n_pairs": len(by_pair)}
+        for breakdown in ZEROSPEECH_BREAKDOWNS[task]:
+            bands: dict[str, list[float]] = defaultdict(list)
+            for score, keys in by_pair:
+                if breakdown in keys:
+                    bands[keys[breakdown]].append(score)
+            if bands:
+                aggregate[f"by_{breakdown}"] = {
+                    name: _spread(bands[name]) for name in sorted(bands, key=_BREAKDOWN_ORDER[breakdown])
+                }
+        if "by_frequency" in aggregate:
+            in_vocab = [v for name, v in aggregate["by_frequency"].items() if name != "oov"]
+            if in_vocab:
+                total = sum(v["n"] for v in in_vocab)
+                aggregate["in_vocab"] = sum(v["score"] * v["n"] for v in in_vocab) / total
+        out[f"{task}/{split}"] = aggregate
     return out
+
+
+def _ref(score: ItemScore) -> ZeroSpeechRef:
+    assert score.item.zerospeech is not None
+    return score.item.zerospeech
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _spread(values: Sequence[float]) -> dict[str, Any]:
+    """`{n, score, std}` as the official tables give them: the sample standard deviation, none for one pair."""
+    mean = _mean(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return {"n": len(values), "score": mean, "std": std}
 
 
 def zerospeech_files(scores: Sequence[ItemScore]) -> dict[str, str]:
@@ -135,5 +179,13 @@ def format_summary(name: str, summary: dict[str, Any], score: str) -> str:
     for task, values in summary.get("zerospeech", {}).items():
         lines.append(
             f"  ZeroSpeech {task}: {100 * values['accuracy']:.2f}% over {values['n_pairs']} pairs (voices averaged)"
+            + (f", in-vocabulary {100 * values['in_vocab']:.2f}%" if "in_vocab" in values else "")
         )
+        for breakdown in ZEROSPEECH_BREAKDOWNS.get(task.split("/")[0], ()):
+            rows = values.get(f"by_{breakdown}", {})
+            if rows:
+                lines.append(
+                    f"    by {breakdown}: "
+                    + ", ".join(f"{k} {100 * v['score']:.2f}% (n={v['n']})" for k, v in rows.items())
+                )
     return "\n".join(lines)

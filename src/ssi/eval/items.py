@@ -21,6 +21,8 @@ ZEROSPEECH_TASKS = ("lexical", "syntactic")
 ZEROSPEECH_SPLITS = ("dev", "test")
 _KEYS = {"id", "prefix", "positive", "negative", "category", "meta", "zerospeech"}
 _ZEROSPEECH_KEYS = {"task", "split", "positive", "negative", "pair"}
+# The official breakdowns a pair belongs to (lexical: `frequency` band and `length`; syntactic: `type`).
+_ZEROSPEECH_OPTIONAL = {"groups"}
 
 
 class BenchmarkError(ValueError):
@@ -44,14 +46,22 @@ class Segment:
 
 @dataclass(frozen=True)
 class ZeroSpeechRef:
-    """Where a ZeroSpeech 2021 item came from: the wav stems of both candidates and the scorer's pair key
-    (lexical: the gold `id`; syntactic: `type/subtype/id`), over which the official score averages voices."""
+    """Where a ZeroSpeech 2021 item came from: the wav stems of both candidates, the scorer's pair key
+    (lexical: the gold `id`; syntactic: `type/subtype/id`), over which the official score averages voices,
+    and the official breakdowns the pair belongs to (`groups`, e.g. `(("frequency", "6-20"), ("length", "5"))`)."""
 
     task: str
     split: str
     positive: str
     negative: str
     pair: str
+    groups: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        row: dict[str, Any] = {k: getattr(self, k) for k in ("task", "split", "positive", "negative", "pair")}
+        if self.groups:
+            row["groups"] = dict(self.groups)
+        return row
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,7 @@ class Item:
         if self.meta:
             row["meta"] = dict(self.meta)
         if self.zerospeech is not None:
-            row["zerospeech"] = vars(self.zerospeech)
+            row["zerospeech"] = self.zerospeech.to_json()
         return row
 
 
@@ -99,9 +109,15 @@ def _segment(value: Any, field: str, where: str) -> Segment:
 
 
 def _zerospeech(value: Any, where: str, has_prefix: bool) -> ZeroSpeechRef:
-    if not isinstance(value, Mapping) or set(value) != _ZEROSPEECH_KEYS:
-        raise BenchmarkError(f"{where}: zerospeech must have exactly the keys {sorted(_ZEROSPEECH_KEYS)}")
-    ref = ZeroSpeechRef(**{k: str(value[k]) for k in _ZEROSPEECH_KEYS})
+    if not isinstance(value, Mapping) or not _ZEROSPEECH_KEYS <= set(value) <= _ZEROSPEECH_KEYS | _ZEROSPEECH_OPTIONAL:
+        raise BenchmarkError(
+            f"{where}: zerospeech must have the keys {sorted(_ZEROSPEECH_KEYS)} and optionally "
+            f"{sorted(_ZEROSPEECH_OPTIONAL)}"
+        )
+    groups = value.get("groups") or {}
+    if not isinstance(groups, Mapping) or not all(isinstance(v, str) for v in groups.values()):
+        raise BenchmarkError(f"{where}: zerospeech.groups must map a breakdown name to a string, got {groups!r}")
+    ref = ZeroSpeechRef(**{k: str(value[k]) for k in _ZEROSPEECH_KEYS}, groups=tuple(groups.items()))
     if ref.task not in ZEROSPEECH_TASKS or ref.split not in ZEROSPEECH_SPLITS:
         raise BenchmarkError(
             f"{where}: zerospeech.task must be one of {ZEROSPEECH_TASKS} and split one of {ZEROSPEECH_SPLITS}, "

@@ -21,8 +21,10 @@ REQUIRED = {
     "lexical": {"filename", "id", "voice", "correct", "word", "phones", "frequency", "length"},
     "syntactic": {"filename", "id", "voice", "correct", "type", "subtype", "transcription"},
 }
-# The official by-frequency bands (occurrences in LibriSpeech), used as the lexical category.
-FREQUENCY_BANDS = ((1, "oov"), (6, "1-5"), (21, "6-20"), (101, "21-100"), (math.inf, ">100"))
+# The official by-frequency bands (occurrences in LibriSpeech), used as the lexical category. The scorer
+# cuts at 0, 1, 5, 20, 100 with intervals closed on the left, so its labels are not its intervals: "1-5"
+# holds 1..4, "6-20" holds 5..19, "21-100" holds 20..99 and ">100" holds 100 and more (docs/evaluation.md).
+FREQUENCY_BANDS = ((0, 1, "oov"), (1, 5, "1-5"), (5, 20, "6-20"), (20, 100, "21-100"), (100, math.inf, ">100"))
 
 
 def read_gold(path: Path, task: str) -> list[dict[str, str]]:
@@ -44,9 +46,14 @@ def read_gold(path: Path, task: str) -> list[dict[str, str]]:
     return rows
 
 
-def frequency_band(frequency: str) -> str:
-    value = float(frequency) if frequency not in ("", "nan", "NA") else 0.0
-    return next(name for upper, name in FREQUENCY_BANDS if value < upper)
+def frequency_band(frequency: str) -> str | None:
+    """The official band of a word's frequency; None (in no band, as in the official scorer) when the gold
+    file gives none or a negative one."""
+    try:
+        value = float(frequency)
+    except ValueError:
+        return None
+    return next((name for lower, upper, name in FREQUENCY_BANDS if lower <= value < upper), None)
 
 
 def _units(table: UnitsTable, stem: str) -> Segment:
@@ -70,12 +77,22 @@ def lexical_items(dataset: Path, split: str, table: UnitsTable) -> list[Item]:
             raise BenchmarkError(f"{gold}: file {lone!r} (id {pair_id}, voice {voice}) has no partner to compare with")
         for word in words:
             for non_word in non_words:
+                band = frequency_band(word["frequency"])
+                groups = (("frequency", band),) if band is not None else ()
+                ref = ZeroSpeechRef(
+                    "lexical",
+                    split,
+                    word["filename"],
+                    non_word["filename"],
+                    pair_id,
+                    (*groups, ("length", word["length"])),
+                )
                 items.append(
                     Item(
                         id=f"{word['filename']}>{non_word['filename']}",
                         positive=_units(table, word["filename"]),
                         negative=_units(table, non_word["filename"]),
-                        category=frequency_band(word["frequency"]),
+                        category=band,
                         meta={
                             "id": pair_id,
                             "voice": voice,
@@ -84,7 +101,7 @@ def lexical_items(dataset: Path, split: str, table: UnitsTable) -> list[Item]:
                             "frequency": word["frequency"],
                             "length": word["length"],
                         },
-                        zerospeech=ZeroSpeechRef("lexical", split, word["filename"], non_word["filename"], pair_id),
+                        zerospeech=ref,
                     )
                 )
     return items
@@ -121,7 +138,9 @@ def syntactic_items(dataset: Path, split: str, table: UnitsTable) -> list[Item]:
                     "sentence": good["transcription"],
                     "non_sentence": bad["transcription"],
                 },
-                zerospeech=ZeroSpeechRef("syntactic", split, good["filename"], bad["filename"], pair),
+                zerospeech=ZeroSpeechRef(
+                    "syntactic", split, good["filename"], bad["filename"], pair, (("type", good["type"]),)
+                ),
             )
         )
     return items
