@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -22,7 +25,7 @@ from ssi.encode import EncodeError
 from ssi.encode.audio import AudioRef, decode_audio
 from ssi.encode.encoders import EncoderPreset, LayerFeatures
 from ssi.encode.fixtures import mixed_clips, synthetic_wave, write_audiofolder, write_tiny_hubert, write_tiny_mimi
-from ssi.encode.output import MANIFEST_NAME
+from ssi.encode.output import MANIFEST_NAME, EncodedOutput
 from ssi.encode.pipeline import encode_audio
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,3 +228,47 @@ def test_hub_ids_resolve_through_the_cache_and_record_the_commit(
         encode(*hub_args, "encoder.model=someone/absent")
     with pytest.raises(EncodeError, match=r"cannot load 'nobody/nothing' \(config 'en', split 'test'\)"):
         encode(*hubert_args(assets, tmp_path / "other"), "source=nobody/nothing", "source_config=en", "split=test")
+
+
+def _writer_process(out: Path, shard: int, ready: Path) -> subprocess.Popen:
+    """A process that opens a shard writer in `out` (as an encoding task does) and then waits inside it."""
+    script = f"""
+import time
+from pathlib import Path
+import pyarrow as pa
+from ssi.encode.output import EncodedOutput, output_schema
+out = EncodedOutput(Path({str(out)!r}))
+with out.write_shard(out.shard_path("train", {shard}, 2), output_schema(False)) as writer:
+    writer.write({{"ID": ["a"], "transcript": ["x"], "speech_tokens": [[1, 2]]}})
+    Path({str(ready)!r}).touch()
+    time.sleep(300)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the writer never reached its shard"
+        time.sleep(0.05)
+    return proc
+
+
+def test_partial_files_of_killed_writers_are_removed_and_live_ones_kept(assets: dict[str, Path], tmp_path: Path):
+    """A writer holds a lock on its partial file while it lives: a run removes the partial files nobody holds
+    (writers killed with SIGKILL) and keeps those of writers still running, as N Slurm tasks sharing the
+    folder need."""
+    out = tmp_path / "out"
+    killed = _writer_process(out, 0, tmp_path / "ready0")
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    live = _writer_process(out, 0, tmp_path / "ready1")
+    try:
+        partial = out / ".partial"
+        assert len(list(partial.iterdir())) == 2  # the killed writer's file stayed behind
+        encode(*hubert_args(assets, out, "num_shards=2", "shard=1"))
+        left = [p.name for p in partial.iterdir()]
+        assert left == [f"train-00000-of-00002.parquet.tmp-{socket.gethostname()}-{live.pid}"], left
+        assert EncodedOutput(out).remove_dead_partials() == []  # the live writer's file is not touched
+    finally:
+        live.kill()
+        live.wait()
+    assert [p.name for p in EncodedOutput(out).remove_dead_partials()] == left
+    assert (out / "data" / "train-00001-of-00002.parquet").is_file()

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from omegaconf import OmegaConf
 
 from ssi.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from ssi.generate import GenerationError
+from ssi.generate.every_checkpoint import main as evaluate_run
 from ssi.generate.pipeline import EXIT_OUTPUT_EXISTS, OutputExistsError, main, run_generation
 from ssi.generate.prompts import dataset_name_from_source, resolve_split
 from ssi.generate.sampling import SamplingOptions
@@ -30,6 +34,7 @@ from .conftest import N_TEST_DSUS
 from .test_train_recipe import make_cfg, run
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 LINE_KEYS = {
     "id",
     "reference",
@@ -291,13 +296,23 @@ def test_dataset_name_that_cannot_be_derived() -> None:
 
 
 def test_resolve_split() -> None:
-    data = OmegaConf.create(
-        {s: {"dataset": {"split": n}} for s, n in (("train", "train"), ("dev", "validation"), ("test", "test"))}
-    )
+    sections = (("train", "train", "hub/set"), ("dev", "dev", "data/dev.jsonl"), ("test", "test", "data/test.jsonl"))
+    data = OmegaConf.create({s: {"dataset": {"split": n, "source": src}} for s, n, src in sections})
     assert resolve_split(data, "test") == ("test", "test")
-    assert resolve_split(data, "dev") == ("dev", "validation")
-    assert resolve_split(data, "validation") == ("dev", "validation")
-    assert resolve_split(data, "test_other") == ("test", "test_other")
+    assert resolve_split(data, "dev") == ("dev", "dev")
+    # a name no section reads is refused with the splits the preset has, never read from the test file
+    listed = (
+        "train (split 'train' of hub/set), dev (split 'dev' of data/dev.jsonl), test (split 'test' of data/test.jsonl)"
+    )
+    with pytest.raises(
+        GenerationError, match=re.escape(f"no section of the preset reads 'validation'; its splits are {listed}")
+    ):
+        resolve_split(data, "validation")
+    with pytest.raises(GenerationError, match=r"gen.split=test_other: .*\+data.test.dataset.split=test_other"):
+        resolve_split(data, "test_other")
+    data.dev = None
+    with pytest.raises(GenerationError, match=r"gen.split=dev: the preset has no dev section; its splits are train"):
+        resolve_split(data, "dev")
 
 
 def test_locate_checkpoint(run_dir: Path, tiny_extended_dir: Path) -> None:
@@ -344,3 +359,66 @@ def test_next_tokens_follows_vllm_semantics() -> None:
     gen = torch.Generator().manual_seed(0)
     drawn = {next_tokens(logits[:1], seen[:1] & False, opts, [gen]).item() for _ in range(200)}
     assert drawn == {0, 1}
+
+
+# --- a task killed on its way to wer.json --------------------------------------------------------------
+
+# Where a generation is SIGKILLed: while scoring inside the temporary folder, at the rename of that folder into
+# place, and after the rename (while it reports the score).
+KILL_POINTS = {
+    "scoring": "import ssi.eval.scoring as m; m.compute_wer = die",
+    "rename": "import pathlib; rename = pathlib.Path.rename; "
+    "pathlib.Path.rename = lambda self, to: die() if '.partial-' in self.name else rename(self, to)",
+    "reporting": "import ssi.generate.pipeline as m; m.format_summary = die",
+}
+
+
+def killed_generation(point: str, args: list[str]) -> int:
+    """scripts/generate.py in a new process that kills itself with SIGKILL at `point`; returns its exit code."""
+    script = (
+        "import os, runpy, signal, sys\n"
+        "def die(*args, **kwargs): os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"{KILL_POINTS[point]}\n"
+        f"sys.argv = ['scripts/generate.py', *{args!r}]\n"
+        "runpy.run_path('scripts/generate.py', run_name='__main__')\n"
+    )
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True).returncode
+
+
+def evaluate_run_plan(run: Path, generate_args: list[str], capsys) -> str:
+    assert evaluate_run([f"run={run}", "last=1", "test_sets=[test]", "launcher=print", *generate_args], REPO) == 0
+    return capsys.readouterr().out
+
+
+def test_a_generation_killed_before_its_score_is_in_place_is_run_again(run_dir: Path, capsys) -> None:
+    """A task counts as done only when wer.json is in place: a kill at any point before leaves no folder in place
+    (and the killed process's temporary folder is removed by the next run); a folder without its score (an earlier
+    version scored after the rename) is scored by the next run."""
+    ckpt = checkpoint(run_dir, 300)
+    for point in KILL_POINTS:
+        name = f"killed_{point}"
+        args = [f"model={ckpt}", "backend=torch", "sampling_params.max_tokens=4", "progress=false"]
+        args.append(f"gen.dataset_name={name}")
+        plan_args = [f"generate.{a}" for a in args[1:]]
+        out = run_dir / "generations" / ckpt.parent.name / "global_step_300" / name / "test"
+        assert killed_generation(point, args) == -signal.SIGKILL, point
+        if point == "reporting":  # after the rename: the whole result is there
+            assert (out / "wer.json").is_file() and (out / GENERATIONS_FILE).is_file()
+            assert "1 already there, 0 to run" in evaluate_run_plan(run_dir, plan_args, capsys)
+            continue
+        assert not out.exists() and len(list(out.parent.glob(".test.partial-*"))) == 1, point
+        assert "0 already there, 1 to run" in evaluate_run_plan(run_dir, plan_args, capsys), point
+        record = run_generation(gen_cfg(*args))
+        assert (out / "wer.json").is_file() and "wer" in record
+        assert not list(out.parent.glob(".test.partial-*")), "the dead writer's temporary folder is removed"
+        assert json.loads((out / "wer.json").read_text())["generations"] == str(out / GENERATIONS_FILE)
+        assert "1 already there, 0 to run" in evaluate_run_plan(run_dir, plan_args, capsys)
+    # a folder in place without wer.json: the task is not done, and its next run scores the generations there
+    generations = (out / GENERATIONS_FILE).read_bytes()
+    (out / "wer.json").unlink()
+    assert "0 already there, 1 to run" in evaluate_run_plan(run_dir, plan_args, capsys)
+    record = run_generation(gen_cfg(*args))
+    assert (out / GENERATIONS_FILE).read_bytes() == generations and (out / "wer.json").is_file()
+    assert record["wer"] == json.loads((out / "wer.json").read_text())["wer"]
+    with pytest.raises(OutputExistsError):  # and from then on it is done
+        run_generation(gen_cfg(*args))

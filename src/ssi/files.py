@@ -9,9 +9,11 @@ replaced only when the caller says so (`overwrite`).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,8 @@ def atomic_output_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     final = Path(final)
     _refuse_existing(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
+    _remove_dead_partials(final)
+    tmp = final.parent / f".{final.name}.partial-{socket.gethostname()}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -66,6 +69,26 @@ def atomic_output_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old)
     else:
         tmp.rename(final)
+
+
+def _remove_dead_partials(final: Path) -> None:
+    """Delete `.<name>.partial-<host>-<pid>` folders beside `final` left by processes of this host that are
+    gone (killed mid-write). Those of other hosts are kept: whether their writer lives cannot be known here."""
+    host = socket.gethostname()
+    for path in final.parent.glob(f".{glob.escape(final.name)}.partial-*"):
+        writer_host, _, pid = path.name[len(f".{final.name}.partial-") :].rpartition("-")
+        if writer_host == host and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_text(path: Path, text: str, overwrite: bool = False) -> None:

@@ -52,8 +52,9 @@ ZEROSPEECH_DIR = "zerospeech"  # in a benchmark's folder: scores in the ZeroSpee
 TASKS_DIR = "tasks"  # under evaluations/: one folder per evaluate_run Slurm submission
 _EPOCH_RE = re.compile(r"^epoch_(\d+)$")
 _STEP_RE = re.compile(r"^global_step_(\d+)$")
-# Hidden names of a checkpoint being written (ssi.files.atomic_output_dir) or deleted, by process id.
-_LEFTOVER_RE = re.compile(r"^\.global_step_\d+\.(partial|deleting)-(\d+)$")
+# Hidden names of a checkpoint being written (ssi.files.atomic_output_dir: `partial-<host>-<pid>`) or deleted
+# (`deleting-<pid>`).
+_LEFTOVER_RE = re.compile(r"^\.global_step_\d+\.(partial|deleting)-(?:.+-)?(\d+)$")
 _STEP_LINE = re.compile(r"^Step (\d+) \| (.*)$")
 
 

@@ -9,6 +9,13 @@ into place when complete, with what made it (encoder identity, source settings, 
 parquet footer. The shards are the truth: the manifest is rebuilt from their footers (under a file lock) after
 every shard, so concurrent Slurm tasks never lose each other's records, and a re-run that finds its shard
 done only refreshes it. A re-run with another encoder or source configuration is refused, naming what changed.
+
+A writer holds an exclusive `flock` on its partial file for as long as it writes; the kernel (and the NFS or
+parallel file system's lock manager, across nodes) drops it when the process dies, SIGKILL included. So a
+partial file nobody holds a lock on belongs to a dead writer: every run starts by deleting those
+(`remove_dead_partials`), while partial files of live writers, on this node or another, are kept. Creating and
+locking a partial file, and testing and deleting one, both happen under the folder's lock, so a cleaner never
+sees a new file before its writer has locked it.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +39,7 @@ from ssi.encode import EncodeError
 from ssi.encode.encoders import LOCATION_FIELDS
 from ssi.files import atomic_write_json
 
+LOGGER = logging.getLogger(__name__)
 MANIFEST_NAME = "encoding.json"
 MANIFEST_FORMAT = "ssi-encoding/1"
 DATA_DIR = "data"
@@ -125,9 +135,12 @@ class EncodedOutput:
     def write_shard(self, final: Path, schema: pa.Schema) -> Iterator[ShardWriter]:
         """A writer whose file appears at `final` only when the block completes (then with the footer set)."""
         partial = self.root / PARTIAL_DIR
-        partial.mkdir(parents=True, exist_ok=True)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = partial / f"{final.name}.tmp-{os.getpid()}"
+        tmp = partial / f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+        with self._lock():
+            partial.mkdir(parents=True, exist_ok=True)
+            held = open(tmp, "wb")  # noqa: SIM115 (held open, and locked, until the shard is in place)
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         writer = ShardWriter(tmp, schema)
         try:
             yield writer
@@ -136,6 +149,28 @@ class EncodedOutput:
         finally:
             writer.close()
             tmp.unlink(missing_ok=True)
+            held.close()
+
+    def remove_dead_partials(self) -> list[Path]:
+        """Delete the partial files of writers that are no longer alive (no one holds their lock); returns them."""
+        partial = self.root / PARTIAL_DIR
+        if not partial.is_dir():
+            return []
+        removed = []
+        with self._lock():
+            for path in sorted(partial.iterdir()):
+                try:
+                    with open(path, "rb") as handle:
+                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        path.unlink()
+                except BlockingIOError:
+                    continue  # a live writer holds it
+                except FileNotFoundError:
+                    continue  # its writer just finished
+                removed.append(path)
+        for path in removed:
+            LOGGER.warning("removed %s, left by an encoding that was killed", path)
+        return removed
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:

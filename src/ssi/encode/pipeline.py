@@ -119,6 +119,7 @@ def encode_audio(cfg: DictConfig) -> dict[str, Any]:
         "exact_batching": settings.batch.exact,
     }
     out.check(identity, spec.split, split_settings, num_shards)
+    out.remove_dead_partials()
     label = f"{spec.split} shard {shard}/{num_shards}"
     if final.exists():
         LOGGER.info("%s (%s) is already encoded in %s: skipping", label, how, final)

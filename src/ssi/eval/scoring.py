@@ -71,14 +71,18 @@ def score_generations(
     overwrite: bool = False,
     workers: int | None = None,
     progress: bool = True,
+    final_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score a generations.jsonl and write `wer.json` (and `wer_per_utterance.jsonl`) beside it.
 
     References come from the lines' `reference` fields unless `references` names a file/dataset.
-    `dataset`/`split` default to what the run layout says. Returns the dict written to wer.json.
+    `dataset`/`split` default to what the run layout says. `final_path` is where the file will be once its
+    folder is renamed into place (generation scores inside the temporary folder, so that a folder in place
+    is always scored): the run layout and the paths in wer.json are read from it. Returns wer.json's dict.
     """
     t0 = time.perf_counter()
     path = Path(generations_path)
+    final = Path(final_path) if final_path is not None else path
     if normalizer not in NORMALIZERS:
         raise ValueError(f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
     wer_path = path.parent / WER_JSON
@@ -89,13 +93,13 @@ def score_generations(
     if per_utterance_path is None and (path.parent / PER_UTTERANCE_JSONL).exists():
         log.warning("%s is from an earlier scoring; this run does not update it", path.parent / PER_UTTERANCE_JSONL)
 
-    location = run_dir.locate_generations(path)
+    location = run_dir.locate_generations(final)
     dataset = dataset if dataset is not None else (location.dataset if location else None)
     split = split if split is not None else (location.split if location else None)
 
     generations = read_generations(path)
     if references is None:
-        ref_source = f"{path.absolute()} ('reference' field)"
+        ref_source = f"{final.absolute()} ('reference' field)"
         refs = {g.id: g.reference for g in generations if g.reference is not None}
         if not refs:
             raise WerInputError(
@@ -147,13 +151,13 @@ def score_generations(
         "split": split,
         "epoch": location.epoch if location else None,
         "global_step": location.global_step if location else None,
-        "generations": str(path.absolute()),
+        "generations": str(final.absolute()),
         "references": ref_source,
         "id_column": id_column if references is not None else "id",
         "text_column": text_column if references is not None else "reference",
         "n_hypotheses_without_reference": len(no_reference),
         "n_references_without_hypothesis": len(no_hypothesis),
-        "per_utterance": str(per_utterance_path.absolute()) if per_utterance_path else None,
+        "per_utterance": str((final.parent / PER_UTTERANCE_JSONL).absolute()) if per_utterance_path else None,
         "versions": package_versions(("rapidfuzz", "whisper-normalizer")),
         "scored_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -4,8 +4,9 @@ Slurm as an array job with one task per (checkpoint, test set or benchmark) (doc
 
 A task is one `scripts/generate.py` or `scripts/evaluate.py` command line. Its output directory is decided
 from its composed configuration by the same functions the scripts use (`generation_target`,
-`evaluation_target`), so a task whose output exists is never started nor submitted; a task that finds its
-output created meanwhile exits with code 3 and counts as done.
+`evaluation_target`), so a task whose last file (`wer.json`, or `summary.json`) is in place is never started
+nor submitted; a task that finds its output created meanwhile exits with code 3 and counts as done, and a
+generations folder without its score (killed between the two by an earlier version) is scored by its task.
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ class Task:
     checkpoint: run_dir.CheckpointInfo
     script: str  # generate | evaluate
     target: str  # the split or the benchmark file
-    output: Path
+    final_file: Path  # the last file the task writes: it is done when this is in place
     overrides: tuple[str, ...]
 
     @property
     def done(self) -> bool:
-        return self.output.exists()
+        return self.final_file.exists()
 
     def argv(self, repo: Path) -> list[str]:
         return [str(repo / "scripts" / f"{self.script}.py"), *self.overrides]
@@ -117,12 +118,14 @@ def plan(cfg: DictConfig, routed: dict[str, list[str]], conf_dir: Path) -> list[
             model = f"model={ckpt.path}"
             for split, extra in test_sets:
                 overrides = (model, f"gen.split={split}", *routed["generate"], *extra)
-                target = generation_target(_compose("generate", overrides))
-                tasks.append(Task(ckpt, "generate", split, target.output_dir, overrides))
+                composed = _compose("generate", overrides)
+                target = generation_target(composed)
+                final = run_dir.WER_FILE if composed.score else run_dir.GENERATIONS_FILE
+                tasks.append(Task(ckpt, "generate", split, target.output_dir / final, overrides))
             for benchmark in benchmarks:
                 overrides = (model, f"benchmark={Path(benchmark).resolve()}", *routed["evaluate"])
                 target = evaluation_target(_compose("evaluate", overrides))
-                tasks.append(Task(ckpt, "evaluate", benchmark, target.output_dir, overrides))
+                tasks.append(Task(ckpt, "evaluate", benchmark, target.output_dir / run_dir.SUMMARY_FILE, overrides))
     return tasks
 
 

@@ -191,6 +191,8 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
     beam.check_sampling(sampling)
     overwrite = bool(cfg.overwrite)
     if out_dir.exists() and not overwrite:  # before any work: generating first and failing then wastes hours
+        if cfg.score and unscored(out_dir):
+            return _score_in_place(cfg, target)
         raise OutputExistsError(f"{out_dir} already exists; pass overwrite=true to replace it")
     try:
         checkpointer = SpeechCheckpointer(model_dir, progress=progress)
@@ -258,29 +260,60 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
         "command": sys.argv,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    summary = None
+    # Everything, the score included, is written before the folder is renamed into place: a folder in place is
+    # a finished task (evaluate_run skips it), whenever the process is killed.
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / run_dir.GENERATIONS_FILE).write_text(_jsonl(prompts, completions, tokenizer), encoding="utf-8")
         (tmp / run_dir.GENERATION_CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(record)), encoding="utf-8")
+        if cfg.score:
+            summary = _score(cfg, target, tmp / run_dir.GENERATIONS_FILE)
     print(
         f"{backend}: {len(prompts)} prompts, {n_tokens} generated tokens in {elapsed:.2f} s: "
         f"{len(prompts) / elapsed:.2f} prompts/s, {n_tokens / elapsed:.1f} generated tokens/s "
         f"({record['finish_reasons'][FINISH_LENGTH]} hit the length limit); wrote {out_dir / run_dir.GENERATIONS_FILE}"
     )
-    if cfg.score:
-        summary = score_generations(
-            out_dir / run_dir.GENERATIONS_FILE,
-            dataset=dataset_name,
-            split=split_name,
-            normalizer=str(cfg.wer.normalizer),
-            per_utterance=bool(cfg.wer.per_utterance),
-            progress=progress,
-        )
-        print(format_summary(summary))
+    if summary is not None:
+        _report_score(cfg, target, summary, beam.width if beam.enabled else None)
         record["wer"] = summary["wer"]
-        if cfg.log_metrics and cfg.gen.output_dir is None and location.run_dir is not None:
-            metric = f"wer/{dataset_name}/{split_name}" + (f"/beam{beam.width}" if beam.enabled else "")
-            loggers.log_evaluation(location.run_dir, location.step, {metric: summary["wer"]})
     return record
+
+
+def unscored(out_dir: Path) -> bool:
+    """A generations folder without its score: left by a version that scored after the rename (killed in
+    between), or generated with score=false."""
+    return (out_dir / run_dir.GENERATIONS_FILE).is_file() and not (out_dir / run_dir.WER_FILE).exists()
+
+
+def _score(cfg: DictConfig, target: GenerationTarget, generations: Path) -> dict[str, Any]:
+    return score_generations(
+        generations,
+        dataset=target.dataset_name,
+        split=target.split,
+        normalizer=str(cfg.wer.normalizer),
+        per_utterance=bool(cfg.wer.per_utterance),
+        progress=bool(cfg.progress),
+        final_path=target.output_dir / run_dir.GENERATIONS_FILE,
+    )
+
+
+def _report_score(cfg: DictConfig, target: GenerationTarget, summary: dict[str, Any], beam: int | None) -> None:
+    print(format_summary(summary))
+    location = target.location
+    if cfg.log_metrics and cfg.gen.output_dir is None and location.run_dir is not None:
+        metric = f"wer/{target.dataset_name}/{target.split}" + (f"/beam{beam}" if beam is not None else "")
+        loggers.log_evaluation(location.run_dir, location.step, {metric: summary["wer"]})
+
+
+def _score_in_place(cfg: DictConfig, target: GenerationTarget) -> dict[str, Any]:
+    """Finish a folder that has its generations but no wer.json: score them, as the interrupted run would have."""
+    log.info("%s has generations but no %s: scoring them", target.output_dir, run_dir.WER_FILE)
+    record = OmegaConf.to_container(OmegaConf.load(target.output_dir / run_dir.GENERATION_CONFIG_FILE))
+    assert isinstance(record, dict)
+    summary = _score(cfg, target, target.output_dir / run_dir.GENERATIONS_FILE)
+    beam = record.get("beam_search") or None
+    _report_score(cfg, target, summary, int(beam["width"]) if beam else None)
+    return {**record, "wer": summary["wer"]}
 
 
 def main(cfg: DictConfig) -> int:

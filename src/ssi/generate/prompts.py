@@ -50,18 +50,28 @@ def dataset_name_from_source(source: str) -> str:
     return name
 
 
-def resolve_split(data: Mapping[str, Any], split: str) -> tuple[str, str]:
-    """(preset section, dataset split name) for `gen.split`.
+def preset_splits(data: Mapping[str, Any]) -> dict[str, str]:
+    """`{section: dataset split}` of the sections a preset has (a section set to null has been removed)."""
+    return {section: str(data[section]["dataset"]["split"]) for section in SPLITS if data.get(section) is not None}
 
-    `gen.split` may name a preset section (`train`, `dev`, `test`) or a dataset split (`validation`,
-    `test`, ...): a split one of the sections reads uses that section; any other name reads the
-    `test` section's source with that split (e.g. `test_other`)."""
-    if split in SPLITS:
-        return split, str(data[split]["dataset"]["split"])
+
+def resolve_split(data: Mapping[str, Any], split: str) -> tuple[str, str]:
+    """(preset section, dataset split name) for `gen.split`: a preset section (`train`, `dev`, `test`) or the
+    dataset split one of the sections reads (`validation`, ...). Anything else is refused, never read from
+    another section: the output folder is named after the split, so it must be the data that was read."""
+    sections = preset_splits(data)
+    if split in sections:
+        return split, sections[split]
     for section in ("test", "dev", "train"):
-        if section in data and str(data[section]["dataset"]["split"]) == split:
+        if sections.get(section) == split:
             return section, split
-    return "test", split
+    listed = ", ".join(f"{section} (split {name!r} of {data[section]['dataset']['source']})"
+                       for section, name in sections.items())  # fmt: skip
+    missing = f"the preset has no {split} section" if split in SPLITS else f"no section of the preset reads {split!r}"
+    raise GenerationError(
+        f"gen.split={split}: {missing}; its splits are {listed}. To read another split of a source, set "
+        f"data.<section>.dataset.split=<name> (e.g. +data.test.dataset.split={split} with gen.split={split})"
+    )
 
 
 def resolve_data_config(cfg: DictConfig, location: CheckpointLocation, model_dir: Path) -> tuple[DictConfig, str]:
