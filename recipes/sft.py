@@ -8,9 +8,12 @@
 The configuration is conf/sft.yaml (every default documented there); the loop is ssi.train.recipe.
 """
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
+from ssi.overrides import exit_on_bad_overrides
 from ssi.train.recipe import run_recipe
 from ssi.train.sweep import end_job
 
@@ -21,4 +24,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_bad_overrides("sft", Path(__file__).resolve().parents[1] / "conf")
     main()

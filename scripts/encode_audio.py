@@ -8,12 +8,14 @@ conf/encode_audio.yaml documents every key; docs/encoding.md the output, the man
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from ssi.encode.pipeline import encode_audio
 from ssi.encode.settings import run_cli
+from ssi.overrides import exit_on_bad_overrides
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="encode_audio")
@@ -22,4 +24,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_bad_overrides("encode_audio", Path(__file__).resolve().parents[1] / "conf")
     main()

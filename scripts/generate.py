@@ -9,11 +9,13 @@ The `__main__` guard matters: vLLM's engine starts worker processes that re-impo
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from ssi.generate.pipeline import main as generate
+from ssi.overrides import exit_on_bad_overrides
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="generate")
@@ -22,4 +24,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_bad_overrides("generate", Path(__file__).resolve().parents[1] / "conf")
     main()

@@ -8,6 +8,7 @@ Same Hydra data config as the recipes (conf/inspect_data.yaml documents the extr
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -16,6 +17,8 @@ from ssi import report_error
 from ssi.config import MissingSettingError, required, to_container
 from ssi.data.sources import DataValidationError
 from ssi.data.stats import inspection_report
+from ssi.overrides import exit_on_bad_overrides
+from ssi.run_dir import RunDirError, model_or_final_checkpoint
 from ssi.vocab.layout import VocabError
 from ssi.vocab.tiktoken import load_tokenizer
 
@@ -25,11 +28,12 @@ def main(cfg: DictConfig) -> None:
     try:
         if cfg.model_dir is not None:
             raise MissingSettingError(f"model_dir= is now model=: pass model={cfg.model_dir}")
-        tokenizer = load_tokenizer(required(cfg, "model"))
+        tokenizer = load_tokenizer(model_or_final_checkpoint(required(cfg, "model")))
         print(inspection_report(to_container(cfg), tokenizer))
-    except (DataValidationError, VocabError, MissingSettingError, FileNotFoundError) as err:
+    except (DataValidationError, VocabError, MissingSettingError, FileNotFoundError, RunDirError) as err:
         sys.exit(report_error(err))
 
 
 if __name__ == "__main__":
+    exit_on_bad_overrides("inspect_data", Path(__file__).resolve().parents[1] / "conf")
     main()

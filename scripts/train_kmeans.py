@@ -8,12 +8,14 @@ conf/train_kmeans.yaml documents every key; docs/encoding.md shows the encoder p
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from ssi.encode.kmeans_training import train_kmeans
 from ssi.encode.settings import run_cli
+from ssi.overrides import exit_on_bad_overrides
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train_kmeans")
@@ -22,4 +24,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_bad_overrides("train_kmeans", Path(__file__).resolve().parents[1] / "conf")
     main()

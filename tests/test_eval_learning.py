@@ -317,7 +317,10 @@ def test_every_checkpoint_refuses_bad_input(trained: TrainedRun, tmp_path: Path,
         ([f"run={trained.run}", "test_sets=[]"], "nothing to do: give test_sets=[...] and/or benchmarks=[...]"),
         ([f"run={trained.run}", "last=0", bench], "last must be >= 1"),
         ([f"run={trained.run}", bench, "launcher=pbs"], "launcher must be one of ('local', 'slurm', 'print')"),
-        ([f"run={trained.run}", "test_sets=[]", bench, "evaluate.scroe=mean"], "conf/evaluate.yaml with overrides"),
+        (
+            [f"run={trained.run}", "test_sets=[]", bench, "evaluate.scroe=mean"],
+            "conf/evaluate.yaml has no setting 'scroe'; did you mean score",
+        ),
         # a split no section reads is refused, never read from the test section under another name
         ([f"run={trained.run}", "test_sets=[test_other]"], "gen.split=test_other: no section of the preset reads"),
     ]

@@ -280,6 +280,15 @@ def start_checkpoint(model: str | Path) -> Path:
     return newest.path
 
 
+def model_or_final_checkpoint(model: str | Path) -> Path:
+    """`model=` of generate.py, evaluate.py and inspect_data.py: a model or checkpoint directory as it is, or a run
+    directory's final checkpoint by the recipes' rule (`start_checkpoint`), which is then printed."""
+    path = start_checkpoint(model)
+    if path != Path(model):
+        print(f"model={model} is a run directory: using its final checkpoint {path}", flush=True)
+    return path
+
+
 def prune_checkpoints(output_dir: str | Path, keep_last_n: int) -> list[Path]:
     """Delete all but the newest `keep_last_n` checkpoints; returns the pruned paths. Each is first
     renamed to a hidden name, so a crash mid-delete never leaves a visible half-deleted checkpoint.

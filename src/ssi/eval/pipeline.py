@@ -77,9 +77,9 @@ def evaluation_target(cfg: DictConfig) -> EvaluationTarget:
     """The model, benchmark and results directory of a configuration (the every-checkpoint command uses it
     to skip what exists without starting anything)."""
     try:
-        model_dir = Path(required(cfg, "model", " (a checkpoint or speech-extended model directory)"))
+        model_dir = run_dir.model_or_final_checkpoint(required(cfg, "model", " (a checkpoint, run or model directory)"))
         benchmark = Path(required(cfg, "benchmark", " (a benchmark items .jsonl, docs/evaluation.md)"))
-    except MissingSettingError as err:
+    except (MissingSettingError, run_dir.RunDirError) as err:
         raise BenchmarkError(str(err)) from None
     if not model_dir.is_dir():
         raise BenchmarkError(f"model={model_dir} is not a directory (give a checkpoint or extended model dir)")

@@ -32,6 +32,7 @@ from ssi.eval.pipeline import EXIT_OUTPUT_EXISTS, evaluation_target
 from ssi.files import atomic_write_text
 from ssi.generate import GenerationError
 from ssi.generate.pipeline import generation_target
+from ssi.overrides import composition_problem
 
 LAUNCHERS = ("local", "slurm", "print")
 SCRIPT_PREFIXES = ("generate", "evaluate")  # a task's script: argv prefix, conf/<name>.yaml and scripts/<name>.py
@@ -118,23 +119,23 @@ def plan(cfg: DictConfig, routed: dict[str, list[str]], conf_dir: Path) -> list[
             model = f"model={ckpt.path}"
             for split, extra in test_sets:
                 overrides = (model, f"gen.split={split}", *routed["generate"], *extra)
-                composed = _compose("generate", overrides)
+                composed = _compose("generate", overrides, conf_dir)
                 target = generation_target(composed)
                 final = run_dir.WER_FILE if composed.score else run_dir.GENERATIONS_FILE
                 tasks.append(Task(ckpt, "generate", split, target.output_dir / final, overrides))
             for benchmark in benchmarks:
                 overrides = (model, f"benchmark={Path(benchmark).resolve()}", *routed["evaluate"])
-                target = evaluation_target(_compose("evaluate", overrides))
+                target = evaluation_target(_compose("evaluate", overrides, conf_dir))
                 tasks.append(Task(ckpt, "evaluate", benchmark, target.output_dir / run_dir.SUMMARY_FILE, overrides))
     return tasks
 
 
-def _compose(name: str, overrides: Sequence[str]) -> DictConfig:
+def _compose(name: str, overrides: Sequence[str], conf_dir: Path) -> DictConfig:
     try:
         return compose(config_name=name, overrides=list(overrides))
-    except Exception as err:  # Hydra's override grammar and config errors: report them before any task runs
-        message = " ".join(str(err).split())  # Hydra's messages span lines
-        raise GenerationError(f"conf/{name}.yaml with overrides {list(overrides)}: {message}") from None
+    except Exception:  # Hydra's override grammar and config errors: report them before any task runs
+        problem = composition_problem(name, overrides, conf_dir) or f"conf/{name}.yaml does not compose"
+        raise GenerationError(f"{problem} (overrides {list(overrides)})") from None
 
 
 def run_local(tasks: Sequence[Task], python: str, repo: Path) -> dict[str, int]:
@@ -190,7 +191,7 @@ def main(argv: Sequence[str], repo: Path) -> int:
     own, routed = split_arguments(argv)
     try:
         with initialize_config_dir(config_dir=str((repo / "conf").resolve()), version_base=None):
-            cfg = _compose("evaluate_run", own)
+            cfg = _compose("evaluate_run", own, repo / "conf")
         launcher = str(cfg.launcher)
         if launcher not in LAUNCHERS:
             raise GenerationError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")

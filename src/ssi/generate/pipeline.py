@@ -155,8 +155,8 @@ def generation_target(cfg: DictConfig) -> GenerationTarget:
     """The data preset, split and output directory of a configuration (the every-checkpoint command uses
     it to skip what exists without starting anything)."""
     try:
-        model_dir = Path(required(cfg, "model", " (a checkpoint or speech-extended model directory)"))
-    except MissingSettingError as err:
+        model_dir = run_dir.model_or_final_checkpoint(required(cfg, "model", " (a checkpoint, run or model directory)"))
+    except (MissingSettingError, run_dir.RunDirError) as err:
         raise GenerationError(str(err)) from None
     if not model_dir.is_dir():
         raise GenerationError(f"model={model_dir} is not a directory (give a checkpoint or extended model dir)")
