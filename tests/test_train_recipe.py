@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -292,10 +293,17 @@ def test_manifest_mismatch_is_refused(tiny_extended_dir, corpus, tmp_path, capsy
 # --- subprocess tiers: torchrun and signals --------------------------------------------------------------
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it), for torchrun's rendezvous: tests run in parallel."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def recipe_cmd(kind: str, args: list[str], nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [sys.executable, str(REPO / f"recipes/{kind}.py"), *args]
-    port = str(29600 + os.getpid() % 300)
+    port = str(free_port())
     return [
         sys.executable,
         "-m",

@@ -12,15 +12,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from ssi.data.cpt import CPTDataset, CPTOptions, SpanSampler
+from ssi.data.encoded import MANIFEST_NAME, folder_encoder
+from ssi.data.holdout import HoldOut
 from ssi.data.sft import SFTDataset, SFTOptions
 from ssi.data.sources import (
     ColumnNames,
     DataValidationError,
     Encoder,
+    MissingSplitError,
     SourceSpec,
     ValidationReport,
     has_alignments,
     load_source,
+    source_kind,
     validate_dataset,
 )
 from ssi.vocab.tiktoken import SpeechLlama3Tokenizer
@@ -41,7 +45,65 @@ def config_value(cfg: Mapping[str, Any], key: str) -> Any:
 
 def encoder_from_config(cfg: Mapping[str, Any]) -> Encoder:
     enc = config_value(cfg, "encoder")
+    if enc is None:
+        raise DataValidationError(
+            "data.encoder: the preset names no encoder (data=*/encoded reads it from encoding.json)"
+        )
     return Encoder(str(enc["name"]), int(enc["n_units"]), int(enc["sampling_rate"]), int(enc["downsampling_ratio"]))
+
+
+def section_encoder(cfg: Mapping[str, Any], source: str) -> Encoder:
+    """The units' encoder: what the source folder's encoding.json records (the truth, since it made them),
+    else the preset's `encoder`; a preset that says otherwise than the folder is overruled, with a warning."""
+    recorded = folder_encoder(source)
+    if recorded is None:
+        if config_value(cfg, "encoder") is None:
+            raise DataValidationError(
+                f"source {source} has no {MANIFEST_NAME} and the preset names no encoder: encode it with "
+                "scripts/encode_audio.py, or pick a preset for this dataset (encoder@data.encoder=<conf/encoder name>)"
+            )
+        return encoder_from_config(cfg)
+    preset = cfg.get("encoder")
+    if preset is not None and encoder_from_config(cfg) != recorded:
+        LOGGER.warning("%s records encoder %s; the preset's %s is not used", source, recorded, encoder_from_config(cfg))
+    return recorded
+
+
+@dataclass(frozen=True)
+class SectionSource:
+    """What a preset section reads: its source spec, or train's with the rows of a `data.dev.from_train`
+    hold-out (kept by train, held out as dev); `split` names that data in result folders."""
+
+    spec: SourceSpec
+    holdout: HoldOut | None
+    held_out: bool
+    split: str
+
+
+def _spec(ds_cfg: Mapping[str, Any]) -> SourceSpec:
+    return SourceSpec(
+        source=str(ds_cfg["source"]),
+        split=str(ds_cfg["split"]),
+        n_samples=ds_cfg.get("n_samples"),
+        shuffle_seed=ds_cfg.get("shuffle_seed"),
+    )
+
+
+def section_source(cfg: Mapping[str, Any], section: str) -> SectionSource:
+    """The data a preset section (`train`, `dev`, `test`) reads; a section set to null is an error naming it."""
+    if section not in SPLITS:
+        raise DataValidationError(f"split must be one of {SPLITS}, got {section!r}")
+    if cfg.get(section) is None:
+        raise MissingSplitError(f"data.{section} is null: this preset has no {section} section")
+    dev = cfg.get("dev")
+    holdout = HoldOut.from_config(dev.get("from_train")) if dev is not None else None
+    if holdout is None or section == "test":
+        spec = _spec(config_value(cfg, f"{section}.dataset"))
+        return SectionSource(spec, None, False, spec.split)
+    train = _spec(config_value(cfg, "train.dataset"))
+    held_out = section == "dev"
+    split = f"{train.split}_{holdout.label}" if held_out else f"{train.split}_without_{holdout.label}"
+    return SectionSource(train, holdout, held_out, split)
 
 
 def columns_from_config(cfg: Mapping[str, Any]) -> ColumnNames:
@@ -92,26 +154,34 @@ class BuiltSplit:
     encoder: Encoder
 
 
+# What to do when a section's split is missing from its source (a corpus with train and test only).
+_WAYS_OUT = {
+    "dev": ". Hold out part of train with data.dev.from_train=<fraction or count> (e.g. 0.05), point "
+    "data.dev.dataset.source / .split at dev data, or train without a dev split with data.dev=null",
+    "test": ". Point data.test.dataset.source / .split at test data, or set gen.split to a split the source has",
+    "train": ". Point data.train.dataset.source / .split at the training data",
+}
+
+
 def build_dataset(
     cfg: Mapping[str, Any], split: str, tokenizer: SpeechLlama3Tokenizer, *, inference: bool = False
 ) -> BuiltSplit:
     """Load, validate and wrap one split (`train`, `dev` or `test`) of a data preset."""
-    if split not in SPLITS:
-        raise DataValidationError(f"split must be one of {SPLITS}, got {split!r}")
     if tokenizer.vocab is None:
         raise DataValidationError("the data pipeline needs a speech-extended model (ssi.json)")
-    encoder = encoder_from_config(cfg)
+    where = section_source(cfg, split)
+    spec = where.spec
+    source_kind(spec)  # a source that names nothing is said first, before what it would have recorded
+    encoder = section_encoder(cfg, spec.resolved)
     encoder.check_vocab(tokenizer.vocab)
     columns = columns_from_config(cfg)
-    ds_cfg = config_value(cfg, f"{split}.dataset")
-    spec = SourceSpec(
-        source=str(ds_cfg["source"]),
-        split=str(ds_cfg["split"]),
-        n_samples=ds_cfg.get("n_samples"),
-        shuffle_seed=ds_cfg.get("shuffle_seed"),
-    )
     validation = config_value(cfg, "validation")
-    raw = load_source(spec, columns)
+    try:
+        raw = load_source(spec, columns)
+    except MissingSplitError as err:
+        raise MissingSplitError(f"{err}{_WAYS_OUT.get(split, '')}") from None
+    if where.holdout is not None:
+        raw = where.holdout.select(raw, columns.id, where.held_out, f"{spec.resolved}[{spec.split}]")
     if config_value(cfg, "kind") == "cpt" and not has_alignments(raw, columns):
         options = cpt_options_from_config(cfg)
         if needs_alignments(options):
@@ -151,5 +221,6 @@ __all__ = [
     "cpt_options_from_config",
     "encoder_from_config",
     "needs_alignments",
+    "section_source",
     "sft_options_from_config",
 ]

@@ -17,13 +17,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ssi.locations import hub_failure_message, looks_local, missing_path_message
 from ssi.vocab.layout import SpeechVocab
 
 LOGGER = logging.getLogger(__name__)
@@ -35,6 +36,10 @@ _GLOB_CHARS = set("*?[")
 
 class DataValidationError(ValueError):
     """A sample or source that does not match the schema; the message names sample id, column and value."""
+
+
+class MissingSplitError(DataValidationError):
+    """A source without the split a preset section asks for (a corpus with train and test only)."""
 
 
 @dataclass(frozen=True)
@@ -130,17 +135,14 @@ def source_kind(spec: SourceSpec) -> tuple[SourceKind, list[str]]:
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             return "disk", [str(path)]
         return "folder", [str(path)]
-    looks_local = (
-        path.suffix in _DATA_SUFFIXES
-        or any(c in text for c in _GLOB_CHARS)
-        or path.exists()
-        or text.startswith(("/", ".", "~"))  # hub ids never start like a path: a missing local source is an error
-    )
-    if not looks_local:
+    local = path.suffix in _DATA_SUFFIXES or any(c in text for c in _GLOB_CHARS) or looks_local(text)
+    if not local:
         return "hub", [text]
     files = sorted(glob.glob(str(path)))
     if not files:
-        raise DataValidationError(f"source {text!r}: no files match (split {spec.split!r})")
+        if any(c in text for c in _GLOB_CHARS):
+            raise DataValidationError(f"source {text!r}: no files match (split {spec.split!r})")
+        raise DataValidationError(missing_path_message("source", text))
     kinds = {_DATA_SUFFIXES.get(Path(f).suffix) for f in files}
     if None in kinds or len(kinds) != 1:
         raise DataValidationError(
@@ -178,7 +180,7 @@ def load_rows(spec: SourceSpec) -> datasets.Dataset:
         loaded = datasets.load_from_disk(files[0])
         if isinstance(loaded, datasets.DatasetDict):
             if spec.split not in loaded:
-                raise DataValidationError(f"{files[0]}: no split {spec.split!r}; available splits: {sorted(loaded)}")
+                raise MissingSplitError(f"{files[0]}: no split {spec.split!r}; available splits: {sorted(loaded)}")
             loaded = loaded[spec.split]
         ds = _shuffle_and_head(loaded, spec)
     else:
@@ -187,9 +189,9 @@ def load_rows(spec: SourceSpec) -> datasets.Dataset:
         else:
             builder, kwargs = files[0], {"split": spec.split}
         if spec.n_samples is None:
-            ds = _shuffle_and_head(datasets.load_dataset(builder, **kwargs), spec)
+            ds = _shuffle_and_head(_load_dataset(builder, kind, spec, **kwargs), spec)
         else:
-            stream = datasets.load_dataset(builder, streaming=True, **kwargs)
+            stream = _load_dataset(builder, kind, spec, streaming=True, **kwargs)
             if spec.shuffle_seed is not None:
                 stream = stream.shuffle(seed=spec.shuffle_seed, buffer_size=STREAM_SHUFFLE_BUFFER)
             rows = list(stream.take(spec.n_samples))
@@ -197,6 +199,26 @@ def load_rows(spec: SourceSpec) -> datasets.Dataset:
                 raise DataValidationError(f"{spec.resolved}: split {spec.split!r} is empty")
             ds = datasets.Dataset.from_list(rows, features=stream.features)
     return ds
+
+
+def _load_dataset(builder: str, kind: SourceKind, spec: SourceSpec, **kwargs: Any) -> Any:
+    """`datasets.load_dataset`, with a missing split and an unloadable hub id as one-line errors."""
+    try:
+        return datasets.load_dataset(builder, **kwargs)
+    except ValueError as err:
+        message = " ".join(str(err).split())
+        if "Unknown split" in message or "Bad split" in message:
+            available = message.split("Should be one of", 1)[-1].strip(" .") if "Should be one of" in message else "?"
+            raise MissingSplitError(
+                f"{spec.resolved}: no split {spec.split!r}; available splits: {available}"
+            ) from None
+        if kind == "hub":
+            raise DataValidationError(hub_failure_message("source", spec.resolved, err)) from None
+        raise
+    except (FileNotFoundError, ConnectionError, OSError) as err:
+        if kind == "hub":
+            raise DataValidationError(hub_failure_message("source", spec.resolved, err)) from None
+        raise
 
 
 def _shuffle_and_head(ds: datasets.Dataset, spec: SourceSpec) -> datasets.Dataset:

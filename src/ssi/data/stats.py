@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ssi.data.config import build_dataset
+from ssi.data.config import build_dataset, section_source
 from ssi.data.cpt import CPTDataset, dedup_units
 from ssi.data.sft import SFTDataset
 from ssi.vocab.tiktoken import SpeechLlama3Tokenizer
@@ -133,12 +133,21 @@ def inspection_report(cfg: Mapping[str, Any], tokenizer: SpeechLlama3Tokenizer) 
     dataset = built.dataset
     dataset.set_epoch(int(cfg.get("epoch", 0)))
     renderer = TokenRenderer(tokenizer)
-    seq = data["sequence"]
+    seq, where = data["sequence"], section_source(data, split)
+    # the settings this kind of preset uses: CPT builds sequences of a type, SFT builds chat examples
+    if data["kind"] == "cpt":
+        shape = f"sequence: type={seq['type']}" + (f" mixture={seq['mixture']}" if seq["type"] == "mixture" else "")
+    else:
+        sft = data["sft"]
+        shape = (
+            f"sft: chat examples (instruction={sft['instruction']!r}, system_prompt={sft['system_prompt']!r}, "
+            f"train_on_input={sft['train_on_input']})"
+        )
     lines = [
-        f"preset: kind={data['kind']} split={split} source={data[split]['dataset']['source']}",
+        f"preset: kind={data['kind']} section={split} source={where.spec.resolved} split={where.split}",
         f"encoder: {built.encoder.name}, {built.encoder.n_units} units at {built.encoder.fps:g} Hz "
         f"({built.encoder.sampling_rate} / {built.encoder.downsampling_ratio})",
-        f"sequence: type={seq['type']} dedup={seq['dedup']} modality_tokens={seq['modality_tokens']} "
+        f"{shape} dedup={seq['dedup']} modality_tokens={seq['modality_tokens']} "
         f"max_seq_len={seq['max_seq_len']} packing={data['packing']['enabled']}",
         f"validation: {built.report.summary(built.encoder.fps)}",
     ]

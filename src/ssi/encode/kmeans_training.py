@@ -10,8 +10,11 @@ its provenance in the metadata; an encoder preset for it is one small YAML (docs
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from ssi.config import required, select
 from ssi.encode import EncodeError
@@ -91,8 +95,52 @@ def sample_features(
     return FeatureSample(np.concatenate(blocks), utterances, seconds, len(skipped))
 
 
-def fit_kmeans(x: np.ndarray, settings: KMeansSettings) -> tuple[np.ndarray, float]:
-    """Centroids (k, dim) float32 and the mean squared distance of a frame to its centroid."""
+class FitProgress(io.TextIOBase):
+    """MiniBatchKMeans' verbose lines (printed to stdout) turned into two bars with ETA, inits then mini-batch
+    steps (with the smoothed inertia), and a log line every tenth of the steps for logs without a terminal."""
+
+    _INIT = re.compile(r"^Inertia for init (\d+)/(\d+): (\S+)")
+    _STEP = re.compile(r"^Minibatch step (\d+)/(\d+): mean batch inertia: ([^,]+)(?:, ewa inertia: (\S+))?")
+
+    def __init__(self, n_init: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.inits = tqdm(total=n_init, desc="k-means++ inits", unit="init", disable=not enabled)
+        self.steps: tqdm | None = None
+        self.start = time.monotonic()
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            self._line(line.strip())
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        if match := self._INIT.match(line):
+            self.inits.update(1)
+            self.inits.set_postfix(inertia=f"{float(match[3]):.4g}")
+        elif match := self._STEP.match(line):
+            step, total = int(match[1]), int(match[2])
+            if self.steps is None:
+                self.inits.close()
+                self.steps = tqdm(total=total, desc="k-means steps", unit="step", disable=not self.enabled)
+            self.steps.update(step - self.steps.n)
+            inertia = float(match[4] or match[3])
+            self.steps.set_postfix(ewa_inertia=f"{inertia:.4g}", refresh=False)
+            if step % max(1, total // 10) == 0:
+                elapsed = time.monotonic() - self.start
+                LOGGER.info("k-means step %d/%d, inertia %.4g, %.0f s so far", step, total, inertia, elapsed)
+        elif line.startswith("Converged"):
+            LOGGER.info("k-means: %s", line)
+
+    def __exit__(self, *exc: object) -> None:
+        self.inits.close()
+        if self.steps is not None:
+            self.steps.close()
+        super().__exit__(*exc)
+
+
+def fit_kmeans(x: np.ndarray, settings: KMeansSettings, progress: bool = True) -> tuple[np.ndarray, float]:
+    """Centroids (k, dim) float32 and the mean squared distance of a frame to its centroid; the fit's own
+    report (each k-means++ init, then each mini-batch step with its inertia) is shown as progress bars."""
     from sklearn.cluster import MiniBatchKMeans
 
     if x.shape[0] < settings.k:
@@ -108,9 +156,18 @@ def fit_kmeans(x: np.ndarray, settings: KMeansSettings) -> tuple[np.ndarray, flo
         reassignment_ratio=0.0,
         compute_labels=False,
         random_state=settings.seed,
+        verbose=1,
     )
-    km.fit(x)
+    with FitProgress(settings.n_init, progress) as report, contextlib.redirect_stdout(report):
+        km.fit(x)
     return km.cluster_centers_.astype(np.float32), float(-km.score(x) / x.shape[0])
+
+
+def _encoder_choice(default: str) -> str:
+    """The `encoder=` preset this command was given (Hydra's runtime choice), for the command it prints."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().runtime.choices.get("encoder", default)) if HydraConfig.initialized() else default
 
 
 def train_kmeans(cfg: DictConfig) -> dict[str, Any]:
@@ -144,7 +201,7 @@ def train_kmeans(cfg: DictConfig) -> dict[str, Any]:
         *drawn.features.shape, drawn.utterances, drawn.audio_seconds / 3600, drawn.skipped,
         time.monotonic() - start, km_settings.k,
     )  # fmt: skip
-    centroids, distortion = fit_kmeans(drawn.features, km_settings)
+    centroids, distortion = fit_kmeans(drawn.features, km_settings, settings.progress)
     metadata = {
         **{k: str(v) for k, v in identity.items()},
         "layer": str(preset.layer),
@@ -168,8 +225,10 @@ def train_kmeans(cfg: DictConfig) -> dict[str, Any]:
         "k-means: k=%d, dim %d, mean squared distance %.4g -> %s", km_settings.k, centroids.shape[1], distortion, output
     )
     print(
-        f"wrote {output}; an encoder preset for it (conf/encoder/<name>.yaml):\n"
-        f"defaults:\n  - {preset.name}\n  - _self_\nname: <name>\nn_units: {km_settings.k}\n"
-        f"model: {preset.model}\nlayer: {preset.layer}\nkmeans: {output}"
+        f"wrote {output}; encode with it:\n  python scripts/encode_audio.py encoder={_encoder_choice(preset.name)} "
+        f"encoder.model={preset.model} encoder.layer={preset.layer} encoder.n_units={km_settings.k} "
+        f"encoder.kmeans={output} source=... split=... output_dir=...\n"
+        "(the encoded folder's encoding.json then records the units and frame rate: train on it with data=sft/encoded "
+        "or data=cpt/encoded, no preset to write)"
     )
     return metadata

@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 
 from ssi.encode import EncodeError
+from ssi.locations import hub_failure_message, looks_local, missing_path_message
 from ssi.versions import package_versions
 
 HF_PREFIX = "hf://"
@@ -43,6 +44,14 @@ def weights_sha256(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+# How to work without the hub (docs/encoding.md, "Models without the hub").
+LOCAL_MODEL_HINT = (
+    ". To use a downloaded model, pass encoder.model=<its local directory> (download it once with "
+    "`huggingface-cli download <hub id> --local-dir models/<name>`); for a dry run, "
+    "`python scripts/make_tiny_encoder.py --output models/tiny-hubert` builds a tiny random one"
+)
+
+
 def resolve_model(model: str, revision: str | None = None) -> tuple[Path, dict[str, str | None]]:
     """A local model directory for `model` (a directory, or a hub id fetched into the HF cache), and its
     identity for the manifest: the name given, the hub commit (null for a local directory), the weights' hash."""
@@ -51,8 +60,10 @@ def resolve_model(model: str, revision: str | None = None) -> tuple[Path, dict[s
         if revision is not None:
             raise EncodeError(f"encoder.revision={revision!r} applies to hub ids, but {model} is a local directory")
         directory, commit = local, None
-    elif model.startswith(("/", ".", "~")):
-        raise EncodeError(f"encoder.model={model} is not a directory")
+    elif local.exists():
+        raise EncodeError(f"encoder.model={model} is not a directory (a HF model directory or a hub id)")
+    elif looks_local(model):
+        raise EncodeError(missing_path_message("encoder.model", model) + LOCAL_MODEL_HINT)
     else:
         from huggingface_hub import snapshot_download
 
@@ -62,9 +73,7 @@ def resolve_model(model: str, revision: str | None = None) -> tuple[Path, dict[s
                 if weight_files(directory):
                     break
         except Exception as err:  # offline, gated, missing repo or revision: huggingface_hub raises many types
-            raise EncodeError(
-                f"cannot fetch model {model!r} (revision {revision or 'main'}) from the hub: {err}"
-            ) from None
+            raise EncodeError(hub_failure_message("encoder.model", model, err) + LOCAL_MODEL_HINT) from None
         commit = directory.name
     return directory, {"model": model, "model_revision": commit, "model_sha256": weights_sha256(directory)}
 

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from ssi.encode import EncodeError
 from ssi.encode.audio import AudioRef
+from ssi.locations import hub_failure_message, looks_local, missing_path_message
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 AUDIOFOLDER_PATH_COLUMN = "file_name"
@@ -185,13 +186,43 @@ def load_audio_source(spec: AudioSourceSpec, columns: AudioColumns) -> AudioSour
             return AudioSource(_read_audiofolder(metadata, columns), spec, columns, metadata.parent)
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             return AudioSource(_load_from_disk(path, spec.split), spec, columns, path)
+        if not _data_files(path):
+            raise EncodeError(_not_an_audio_dataset(path, spec.split))
         return AudioSource(_load_dataset(str(path), spec), spec, columns, path)
-    if spec.source.startswith(("/", ".", "~")) or path.suffix:
+    if path.exists() or path.suffix:
         raise EncodeError(
             f"source {spec.source!r} is not a folder: give a hub dataset id, a save_to_disk folder, a folder of "
             "data files, or an audiofolder (audio files + metadata.jsonl/.csv)"
         )
-    return AudioSource(_load_dataset(spec.source, spec), spec, columns, None)
+    if looks_local(spec.source):
+        raise EncodeError(missing_path_message("source", spec.source))
+    return AudioSource(_load_dataset(spec.source, spec, hub=True), spec, columns, None)
+
+
+DATA_FILE_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv")
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """Data files `datasets` would read from a folder (at its top or in its split folders / data/)."""
+    return [p for p in folder.rglob("*") if p.suffix in DATA_FILE_SUFFIXES and p.name not in METADATA_FILES][:1]
+
+
+def _not_an_audio_dataset(folder: Path, split: str) -> str:
+    """Why `folder` cannot be read, with what is in it (a folder of wav files without metadata, usually)."""
+    entries = sorted(folder.iterdir())
+    shown = []
+    for entry in entries[:6]:
+        if entry.is_dir():
+            kinds = sorted({p.suffix or p.name for p in entry.iterdir()})[:4]
+            shown.append(f"{entry.name}/ ({len(list(entry.iterdir()))} entries: {', '.join(kinds)})")
+        else:
+            shown.append(entry.name)
+    found = ", ".join(shown) + (", ..." if len(entries) > 6 else "") if entries else "nothing"
+    return (
+        f"source={folder}: no audiofolder metadata ({folder}/{split}/metadata.csv|jsonl or {folder}/metadata.csv|jsonl "
+        f"with a file_name column), no save_to_disk dataset and no data files; found: {found} "
+        "(docs/encoding.md, 'Your own corpus')"
+    )
 
 
 def _metadata_file(folder: Path, split: str) -> Path | None:
@@ -236,8 +267,11 @@ def _load_from_disk(path: Path, split: str) -> datasets.Dataset:
     return loaded
 
 
-def _load_dataset(name: str, spec: AudioSourceSpec) -> datasets.Dataset:
+def _load_dataset(name: str, spec: AudioSourceSpec, hub: bool = False) -> datasets.Dataset:
     try:
         return datasets.load_dataset(name, spec.config, split=spec.split, revision=spec.revision)
-    except (FileNotFoundError, ValueError, ConnectionError, RuntimeError, OSError) as err:
-        raise EncodeError(f"cannot load {name!r} (config {spec.config!r}, split {spec.split!r}): {err}") from None
+    except (FileNotFoundError, ValueError, ConnectionError, RuntimeError, OSError, ImportError) as err:
+        if hub and not isinstance(err, ValueError):
+            raise EncodeError(hub_failure_message("source", name, err)) from None
+        message = " ".join(str(err).split())
+        raise EncodeError(f"cannot load {name!r} (config {spec.config!r}, split {spec.split!r}): {message}") from None

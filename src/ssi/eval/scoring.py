@@ -85,6 +85,8 @@ def score_generations(
     final = Path(final_path) if final_path is not None else path
     if normalizer not in NORMALIZERS:
         raise ValueError(f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
+    if not path.is_file():  # before refusing to overwrite its outputs: a wrong path is the first thing to say
+        raise WerInputError(f"{path} is not a file (expected a generations.jsonl)")
     wer_path = path.parent / WER_JSON
     per_utterance_path = path.parent / PER_UTTERANCE_JSONL if per_utterance else None
     for out in (wer_path, per_utterance_path):

@@ -139,11 +139,11 @@ def _compose(name: str, overrides: Sequence[str], conf_dir: Path) -> DictConfig:
 
 
 def run_local(tasks: Sequence[Task], python: str, repo: Path) -> dict[str, int]:
-    """Run the tasks one after the other; a failing task does not stop the others."""
+    """Run the tasks one after the other, in this process's directory; a failing task does not stop the others."""
     counts = {"done": 0, "already there": 0, "failed": 0}
     for number, task in enumerate(tasks, start=1):
         print(f"=== [{number}/{len(tasks)}] {task.describe()} ({task.checkpoint.path})", flush=True)
-        code = subprocess.run([python, *task.argv(repo)], cwd=repo).returncode
+        code = subprocess.run([python, *task.argv(repo)]).returncode  # in this directory: relative paths hold
         key = "done" if code == 0 else "already there" if code == EXIT_OUTPUT_EXISTS else "failed"
         counts[key] += 1
         if key == "failed":
@@ -171,7 +171,7 @@ def submit_slurm(
         f"--array=0-{len(tasks) - 1}{parallel}",
         f"--job-name={cfg.slurm.job_name}",
         f"--output={task_list.parent}/task-%a.out",
-        f"--chdir={repo}",
+        f"--chdir={Path.cwd()}",  # the tasks see paths as this command did
         f"--export=ALL,SSI_PYTHON={python}",
         *[str(a) for a in cfg.slurm.sbatch_args or []],
         *options,
@@ -216,5 +216,9 @@ def main(argv: Sequence[str], repo: Path) -> int:
         print(f"submitted Slurm array job {job}: {len(todo)} tasks listed in {task_list}, logs beside it")
         return 0
     counts = run_local(todo, python, repo)
-    print("evaluate_run: " + ", ".join(f"{n} {what}" for what, n in counts.items()) + f" ({len(todo)} tasks run)")
+    there = len(tasks) - len(todo) + counts["already there"]  # skipped at the start, or made meanwhile
+    print(
+        f"evaluate_run: {counts['done']} done, {counts['failed']} failed, {there} already there "
+        f"({len(todo)} tasks run, {len(tasks)} in all)"
+    )
     return 1 if counts["failed"] else 0

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssi import loggers, report_error, run_dir, setup_cli_logging
 from ssi.config import MissingSettingError, required, to_container
 from ssi.data import DataValidationError
+from ssi.data.config import section_source
 from ssi.eval.pipeline import EXIT_OUTPUT_EXISTS  # read by scripts/evaluate_run.py as "already done"
 from ssi.eval.scoring import format_summary, score_generations
 from ssi.eval.wer import WerInputError
@@ -163,7 +164,11 @@ def generation_target(cfg: DictConfig) -> GenerationTarget:
     location = run_dir.locate_checkpoint(model_dir)
     data, data_source = resolve_data_config(cfg, location, model_dir)
     section, split_name = resolve_split(data, str(cfg.gen.split))
-    dataset_name = str(cfg.gen.dataset_name or dataset_name_from_source(str(data[section].dataset.source)))
+    try:
+        source = section_source(data, section).spec.source
+    except DataValidationError as err:
+        raise GenerationError(str(err)) from None
+    dataset_name = str(cfg.gen.dataset_name or dataset_name_from_source(source))
     if cfg.gen.output_dir is not None:
         out_dir = Path(cfg.gen.output_dir)
     elif location.run_dir is not None:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ssi.config import to_container
-from ssi.data.config import SPLITS, build_dataset
+from ssi.data.config import SPLITS, build_dataset, section_source
 from ssi.generate import GenerationError
 from ssi.run_dir import CONFIG_FILE, CheckpointLocation
 from ssi.vocab.tiktoken import SpeechLlama3Tokenizer
@@ -51,8 +51,9 @@ def dataset_name_from_source(source: str) -> str:
 
 
 def preset_splits(data: Mapping[str, Any]) -> dict[str, str]:
-    """`{section: dataset split}` of the sections a preset has (a section set to null has been removed)."""
-    return {section: str(data[section]["dataset"]["split"]) for section in SPLITS if data.get(section) is not None}
+    """`{section: split}` of the sections a preset has (one set to null has been removed); the split names the
+    data the section reads (`train_heldout_0.05` for a dev section held out of train)."""
+    return {section: section_source(data, section).split for section in SPLITS if data.get(section) is not None}
 
 
 def resolve_split(data: Mapping[str, Any], split: str) -> tuple[str, str]:
@@ -65,7 +66,7 @@ def resolve_split(data: Mapping[str, Any], split: str) -> tuple[str, str]:
     for section in ("test", "dev", "train"):
         if sections.get(section) == split:
             return section, split
-    listed = ", ".join(f"{section} (split {name!r} of {data[section]['dataset']['source']})"
+    listed = ", ".join(f"{section} (split {name!r} of {section_source(data, section).spec.source})"
                        for section, name in sections.items())  # fmt: skip
     missing = f"the preset has no {split} section" if split in SPLITS else f"no section of the preset reads {split!r}"
     raise GenerationError(

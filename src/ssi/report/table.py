@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ssi.data.holdout import HoldOut
 from ssi.report import ReportInputError
 from ssi.report.runs import (
     ACCURACY,
@@ -47,6 +48,13 @@ IGNORED_SETTINGS = {
 }
 IGNORED_PREFIXES = ("metric_logger.", "sweep.")
 IGNORED_SUFFIXES = (".num_workers",)
+# Settings one kind of run never reads (conf/data/_common.yaml): not compared between runs that all are of the
+# other kind, since a difference there changes nothing.
+UNUSED_BY_KIND = {
+    "sft": ("data.sequence.type", "data.sequence.mixture", "data.sequence.span.", "data.sequence.add_bos",
+            "data.sequence.add_eos"),
+    "cpt": ("data.sft.",),
+}  # fmt: skip
 _ABSENT = object()
 
 
@@ -80,14 +88,18 @@ def _compared(key: str) -> bool:
 
 
 def differing_settings(runs: list[RunResults]) -> list[str]:
-    """Compared settings whose values are not the same in every run (derived vocabulary settings first)."""
+    """Compared settings whose values are not the same in every run (derived vocabulary settings first); the
+    settings that the runs' kind (all SFT, or all CPT) does not read are left out."""
     keys = dict.fromkeys([*MANIFEST_SETTINGS, INIT])
     for run in runs:
         keys.update(dict.fromkeys(run.settings))
+    kinds = {run.settings.get("data.kind") for run in runs}
+    unused = UNUSED_BY_KIND.get(next(iter(kinds)), ()) if len(kinds) == 1 else ()
     return [
         key
         for key in keys
         if _compared(key)
+        and not any(key == u or (u.endswith(".") and key.startswith(u)) for u in unused)
         and len({json.dumps(run.settings.get(key, _ABSENT), default=repr, sort_keys=True) for run in runs}) > 1
     ]
 
@@ -107,7 +119,9 @@ def higher_is_better(metric: str) -> bool:
 def dev_wer_metric(run: RunResults) -> str | None:
     """The WER column of the run's dev split: `wer/<dataset>/<data.dev.dataset.split>`, when exactly one dataset
     was scored on that split."""
-    split = run.settings.get("data.dev.dataset.split")
+    split = dev_split(run)
+    if split is None:
+        return None
     found = sorted(n for n in run.metric_names() if n.startswith(WER) and n.rsplit("/", 1)[1] == str(split))
     if len(found) > 1:
         raise ReportInputError(
@@ -115,6 +129,17 @@ def dev_wer_metric(run: RunResults) -> str | None:
             f"choose one with --select-by wer/<dataset>/{split}"
         )
     return found[0] if found else None
+
+
+def dev_split(run: RunResults) -> str | None:
+    """The split name the run's dev results are filed under: its dev section's split, or the name of a hold-out
+    of train (`data.dev.from_train`, see ssi.data.holdout); None for a run without a dev section."""
+    if "data.dev.dataset.split" not in run.settings:
+        return None
+    held = run.settings.get("data.dev.from_train")
+    if held is not None:
+        return f"{run.settings.get('data.train.dataset.split')}_{HoldOut.from_config(held).label}"
+    return str(run.settings["data.dev.dataset.split"])
 
 
 def selection_metric(run: RunResults, select_by: str | None) -> str | None:
@@ -156,8 +181,11 @@ def build_report(runs: list[RunResults], select_by: str | None = None) -> Report
         metric = selection_metric(run, select_by)
         best.append(best_step(run, metric))
         if best[-1] is None and run.steps:
-            what = metric or "a dev WER or dev loss"
-            missing.append(f"{label}: no best checkpoint (no checkpoint step has {what})")
+            if select_by is None and dev_split(run) is None:
+                why = "the run has no dev split (data.dev=null); give --select-by <metric> to choose by another"
+            else:
+                why = f"no checkpoint step has {metric or 'a dev WER or dev loss'}"
+            missing.append(f"{label}: no best checkpoint ({why})")
     return Report(runs, labels, differing_settings(runs), metrics, best, missing)
 
 
