@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,9 @@ N_DSUS = 300
 
 class StepFailed(RuntimeError):
     pass
+
+
+QUIET_ENV = {"VLLM_LOGGING_LEVEL": "WARNING"}  # vLLM's engine start prints some 150 INFO lines
 
 
 def run_step(title: str, args: list[str]) -> float:
@@ -52,9 +56,12 @@ def last_checkpoint(run_dir: Path) -> Path:
     return list_checkpoints(run_dir)[-1].path
 
 
-def generate(title: str, model: Path, extra: list[str]) -> tuple[float, str]:
-    """WER of one model via scripts/generate.py: vLLM first, the PyTorch backend if vLLM cannot start."""
+def generate(title: str, model: Path, extra: list[str], backend: str) -> tuple[float, str]:
+    """WER of one model via scripts/generate.py: vLLM first (unless `backend=torch`), the PyTorch backend if vLLM
+    cannot start (greedy decoding: both give the same tokens)."""
     args = ["scripts/generate.py", f"model={model}", "sampling_params.max_tokens=48", *extra]
+    if backend == "torch":
+        return run_step(f"{title} (PyTorch backend)", [*args, "backend=torch"]), "torch"
     try:
         seconds = run_step(f"{title} (vLLM)", [*args, "backend=vllm"])
         backend = "vllm"
@@ -95,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_train", type=int, default=4000, help="synthetic training utterances")
     parser.add_argument("--n_test", type=int, default=200, help="synthetic test utterances")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out folder first")
+    parser.add_argument(
+        "--backend", choices=("vllm", "torch"), default="vllm", help="generation backend (torch: no engine start)"
+    )
+    parser.add_argument("--verbose", action="store_true", help="also show vLLM's INFO lines")
     args = parser.parse_args(argv)
+    if not args.verbose:
+        os.environ.update(QUIET_ENV)  # for every step it starts
     out = args.out.resolve()
     if out.exists():
         if not args.overwrite:
@@ -171,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 "data.sequence.dedup=true",
                 f"gen.output_dir={out / 'generations/untrained'}",
             ],
+            args.backend,
         )
         run_step(
             "6/13 benchmark accuracy before training",
@@ -213,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
         final = last_checkpoint(sft_run)
-        _, backend_after = generate("10/13 WER after SFT", final, [])
+        _, backend_after = generate("10/13 WER after SFT", final, [], args.backend)
         run_step("11/13 benchmark accuracy after SFT", [*evaluate, f"model={final}"])
         run_step(
             "12/13 loss curves",

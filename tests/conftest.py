@@ -17,6 +17,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # vLLM's CPU engine: a 1 GiB KV cache (plenty for the tiny models), which also skips its warm-up pass; by default
 # it takes 30% of host memory, too much for two test workers at once (make test runs pytest -n 2).
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Two workers on two cores: one thread each (and in every process they start) instead of two threads
+    # fighting over each core; the tiny test models gain little from a second thread anyway.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

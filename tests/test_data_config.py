@@ -15,7 +15,11 @@ from ssi.data.sources import DataValidationError
 from ssi.vocab.tiktoken import load_tokenizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-PRESETS = sorted(p.stem for p in (CONF / "data" / "cpt").glob("*.yaml") if not p.stem.startswith("_"))
+# The presets of one dataset each; `encoded` (any folder of scripts/encode_audio.py) reads its encoder from the folder.
+GENERIC = ["encoded"]
+PRESETS = sorted(
+    p.stem for p in (CONF / "data" / "cpt").glob("*.yaml") if not p.stem.startswith("_") and p.stem not in GENERIC
+)
 FRAME_RATES = {
     "mls_hubert_large_l22": (5000, 50.0),
     "mls_speechtokenizer_rvq0": (1024, 50.0),
@@ -39,7 +43,16 @@ TEST_SET_PRESETS = sorted(f"{s}_{e}" for s in TEST_SETS for e in TEST_SET_ENCODE
 def test_every_preset_exists_for_cpt_and_sft() -> None:
     assert set(PRESETS) == set(FRAME_RATES)
     sft = sorted(p.stem for p in (CONF / "data" / "sft").glob("*.yaml"))
-    assert sft == sorted(PRESETS + TEST_SET_PRESETS)  # SFT alone has the ASR test sets
+    assert sft == sorted(PRESETS + TEST_SET_PRESETS + GENERIC)  # SFT alone has the ASR test sets
+    cpt = sorted(p.stem for p in (CONF / "data" / "cpt").glob("*.yaml") if not p.stem.startswith("_"))
+    assert cpt == sorted(PRESETS + GENERIC)
+
+
+@pytest.mark.parametrize("kind", ["cpt", "sft"])
+def test_the_encoded_preset_takes_its_encoder_from_the_folder(kind: str) -> None:
+    data = data_config(f"{kind}/encoded", "data.train.dataset.source=data/encoded/x")
+    assert data["kind"] == kind and data["encoder"] is None and data["dev"]["from_train"] is None
+    assert data["dev"]["dataset"]["source"] == "data/encoded/x"
 
 
 @pytest.mark.parametrize("test_set", TEST_SETS)

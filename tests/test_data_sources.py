@@ -92,7 +92,7 @@ def test_source_kinds_and_bad_paths(tmp_path: Path) -> None:
     )
     with pytest.raises(DataValidationError, match="no files match"):
         source_kind(SourceSpec(str(tmp_path / "missing-*.parquet")))
-    with pytest.raises(DataValidationError, match="no files match"):  # a missing folder is not a hub id
+    with pytest.raises(DataValidationError, match="not-there: no such local file or folder"):  # not a hub id
         source_kind(SourceSpec(str(tmp_path / "not-there")))
     (tmp_path / "a.parquet").write_bytes(b"")
     (tmp_path / "b.jsonl").write_text("")

@@ -277,7 +277,10 @@ def test_kmeans_and_model_mismatches_are_refused(hubert_dir: Path, mimi_dir: Pat
         ({**good, "layer": 5}, r"encoder.layer=5: .* has transformer layers 1..4"),
         ({**good, "model": str(mimi_dir)}, r"model_type 'mimi'; backend ssl_kmeans needs one of"),
         ({**good, "downsampling_ratio": 640}, r"320 samples per frame but .* downsampling_ratio=640"),
-        ({**good, "model": str(tmp_path / "nowhere")}, r"encoder.model=.*nowhere is not a directory"),
+        (
+            {**good, "model": str(tmp_path / "nowhere")},
+            r"encoder.model=.*nowhere: no such local file or folder.*encoder.model=<its local directory>",
+        ),
         (mimi_preset(mimi_dir, 2048), r"codebooks of 256 entries but encoder 'tiny_mimi' says n_units=2048"),
         ({**mimi_preset(mimi_dir), "codebook": 2}, r"encoder.codebook=2: .* has codebooks 0..1"),
     ]

@@ -131,7 +131,7 @@ def test_ids_must_be_unique_and_columns_complete(tmp_path: Path) -> None:
     )
     with pytest.raises(EncodeError, match=r"has alignment column\(s\) \['tokenized'\] but not"):
         load_audio_source(spec, COLUMNS)
-    with pytest.raises(EncodeError, match="is not a folder"):
+    with pytest.raises(EncodeError, match="nowhere: no such local file or folder"):
         load_audio_source(AudioSourceSpec(str(tmp_path / "nowhere"), "train"), COLUMNS)
 
 

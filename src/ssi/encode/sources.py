@@ -272,6 +272,7 @@ def _load_dataset(name: str, spec: AudioSourceSpec, hub: bool = False) -> datase
         return datasets.load_dataset(name, spec.config, split=spec.split, revision=spec.revision)
     except (FileNotFoundError, ValueError, ConnectionError, RuntimeError, OSError, ImportError) as err:
         if hub and not isinstance(err, ValueError):
-            raise EncodeError(hub_failure_message("source", name, err)) from None
+            where = f" (config {spec.config!r}, split {spec.split!r})"
+            raise EncodeError(hub_failure_message("source", name, err) + where) from None
         message = " ".join(str(err).split())
         raise EncodeError(f"cannot load {name!r} (config {spec.config!r}, split {spec.split!r}): {message}") from None
