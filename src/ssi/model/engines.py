@@ -8,13 +8,9 @@ checkpoint is loaded the same way whatever reads it.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import gc
-import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,92 +94,25 @@ def vllm_engine(
 ) -> tuple[Any, dict[str, Any]]:
     """An engine from a `vllm` config section (dtype, gpu_memory_utilization, enforce_eager,
     tensor_parallel_size, engine_kwargs; `engine_kwargs` given here replaces the section's), and the section
-    with the dtype it resolved to, for the output's record. Inside `reused_vllm_engines()`, an engine started
-    for an earlier checkpoint of the same architecture and settings gets this checkpoint's weights instead."""
+    with the dtype it resolved to, for the output's record."""
     dtype = resolve_dtype(str(settings["dtype"]), checkpointer, "vllm.dtype")
     kwargs = dict(settings["engine_kwargs"] if engine_kwargs is None else engine_kwargs)
-    start = {
-        "max_model_len": max_model_len,
-        "dtype": dtype,
-        "gpu_memory_utilization": settings["gpu_memory_utilization"],
-        "enforce_eager": settings["enforce_eager"],
-        "tensor_parallel_size": int(settings["tensor_parallel_size"]),
-        "seed": seed,
-        "engine_kwargs": kwargs,
-    }
-    llm = _REUSE.engine(checkpointer, start) if _REUSE is not None else start_vllm(checkpointer.checkpoint_dir, **start)
+    llm = start_vllm(
+        checkpointer.checkpoint_dir,
+        max_model_len=max_model_len,
+        dtype=dtype,
+        gpu_memory_utilization=settings["gpu_memory_utilization"],
+        enforce_eager=settings["enforce_eager"],
+        tensor_parallel_size=int(settings["tensor_parallel_size"]),
+        seed=seed,
+        engine_kwargs=kwargs,
+    )
     return llm, {**settings, "engine_kwargs": kwargs, "resolved_dtype": short_name(dtype)}
-
-
-class ReusedEngine:
-    """The one engine kept by `reused_vllm_engines`: what it was started with, and whose weights it holds.
-
-    vLLM 0.32 reloads a model's weights in place from a checkpoint directory (`reload_weights`, run on every
-    worker), so a checkpoint with the same architecture (config.json, vocabulary size) and the same engine
-    settings needs no new engine: its weights are read into the running one, and the prefix cache (computed
-    with the old weights) is dropped."""
-
-    def __init__(self) -> None:
-        self.llm: Any = None
-        self.key: str | None = None
-        self.model_dir: Path | None = None
-        self.starts = 0
-        self.reloads = 0
-
-    def engine(self, checkpointer: SpeechCheckpointer, start: dict[str, Any]) -> Any:
-        key = json.dumps(
-            {"architecture": dataclasses.asdict(checkpointer.architecture), **start, "dtype": str(start["dtype"])},
-            sort_keys=True,
-            default=str,
-        )
-        model_dir = Path(checkpointer.checkpoint_dir).resolve()
-        if self.llm is not None and key == self.key:
-            if model_dir != self.model_dir:
-                t0 = time.perf_counter()
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
-                self.llm.reset_prefix_cache()
-                self.reloads += 1
-                log.info("vLLM engine kept: weights of %s loaded in %.1f s", model_dir, time.perf_counter() - t0)
-            self.model_dir = model_dir
-            return self.llm
-        self.close()
-        self.llm = start_vllm(model_dir, **start)
-        self.key, self.model_dir = key, model_dir
-        self.starts += 1
-        return self.llm
-
-    def close(self) -> None:
-        if self.llm is not None:
-            _stop(self.llm)
-            self.llm, self.key, self.model_dir = None, None, None
-            gc.collect()
-
-
-_REUSE: ReusedEngine | None = None
-
-
-@contextlib.contextmanager
-def reused_vllm_engines() -> Iterator[ReusedEngine]:
-    """Within the block, `vllm_engine` keeps one engine across calls (one process that evaluates checkpoint after
-    checkpoint: scripts/evaluate_run.py launcher=local) and `stop_vllm` leaves it running; it stops at the end."""
-    global _REUSE
-    previous, _REUSE = _REUSE, ReusedEngine()
-    try:
-        yield _REUSE
-    finally:
-        _REUSE.close()
-        _REUSE = previous
 
 
 def stop_vllm(llm: Any) -> None:
     """Stop the engine's worker processes now: vLLM 0.x has no public shutdown, and otherwise keeps them
-    (and the memory they hold) until the interpreter exits. An engine kept by `reused_vllm_engines` stays."""
-    if _REUSE is not None and llm is _REUSE.llm:
-        return
-    _stop(llm)
-
-
-def _stop(llm: Any) -> None:
+    (and the memory they hold) until the interpreter exits."""
     engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if engine_core is not None:
         engine_core.shutdown()
