@@ -121,105 +121,78 @@ def test_own_corpus_from_wav_files_to_a_report(encoded: Path) -> None:
     assert "wer/my_corpus/train_heldout_0.2" in text and "report of 1 runs" in report.stdout
 
 
-def one_line_error(done: subprocess.CompletedProcess) -> str:
-    assert done.stderr.count("error: ") == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    return done.stderr
+def one_line(code: int, capsys) -> str:
+    """What a command body printed on stderr for bad input: exit code 2 and one `error:` line, no traceback."""
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error: ") == 1 and "Traceback" not in err, (code, err[-3000:])
+    return err
 
 
-def test_first_minute_mistakes_get_one_line_answers(encoded: Path) -> None:
-    cwd = encoded
-    train = ["model=models/tiny-llama-32", "size=tiny", "max_steps=1", "progress=false", "data=sft/encoded"]
+def test_first_minute_mistakes_get_one_line_answers(encoded: Path, monkeypatch, capsys) -> None:
+    """The bodies of the README's commands (what each script's main runs), in this process and from the user's
+    folder; test_overrides.py and the e2e test above run the scripts themselves."""
+    from ssi.encode.kmeans_training import train_kmeans
+    from ssi.encode.pipeline import encode_audio
+    from ssi.encode.settings import run_cli
+    from ssi.eval.scoring import main as wer
+    from ssi.generate.pipeline import main as generate
+    from ssi.train.recipe import run_recipe
+
+    from .test_train_recipe import make_cfg
+
+    monkeypatch.chdir(encoded)
     folder = "data.train.dataset.source=data/encoded/my_corpus"
-    km = "encoder.kmeans=models/kmeans/my_corpus_k32.safetensors"
+
+    def sft(*args: str, model: str = "models/tiny-llama-32") -> int:
+        train = [f"model={model}", "size=tiny", "max_steps=1", "progress=false"]
+        return run_recipe(make_cfg("sft", ["data=sft/encoded", *train, *args]), "sft")
+
     # a corpus without a validation split: the missing split and the ways out
-    err = one_line_error(command("recipes/sft.py", folder, *train, "output_dir=runs/failed", cwd=cwd, code=2))
+    err = one_line(sft(folder, "output_dir=runs/failed"), capsys)
     assert (
         "no split 'validation'" in err and "data.dev.from_train=<fraction or count>" in err and "data.dev=null" in err
     )
     # generating a dev split that a run without one does not have
-    command("recipes/sft.py", folder, "data.dev=null", *train, "save_steps=1", "output_dir=runs/no-dev", cwd=cwd)
-    err = one_line_error(
-        command("scripts/generate.py", "model=runs/no-dev", "gen.split=dev", "backend=torch", cwd=cwd, code=2)
-    )
+    assert sft(folder, "data.dev=null", "save_steps=1", "output_dir=runs/no-dev") == 0
+    capsys.readouterr()
+    err = one_line(generate(make_cfg("generate", ["model=runs/no-dev", "gen.split=dev", "backend=torch"])), capsys)
     assert "gen.split=dev: the preset has no dev section; its splits are train" in err
     # encoding a folder of wav files without metadata
-    (cwd / "data/loose/train").mkdir(parents=True)
-    for wav in (cwd / "data/my_corpus/train").glob("*.wav"):
-        (cwd / "data/loose/train" / wav.name).write_bytes(wav.read_bytes())
-    encode = ["encoder=hubert_large_ll60k_layer22", "encoder.model=models/tiny-hubert", "encoder.layer=2",
-              f"encoder.n_units={K}", km, "device=cpu"]  # fmt: skip
-    err = one_line_error(
-        command(
-            "scripts/encode_audio.py",
-            *encode,
-            "source=data/loose",
-            "split=train",
-            "output_dir=data/encoded/loose",
-            cwd=cwd,
-            code=2,
-        )
-    )
+    (encoded / "data/loose/train").mkdir(parents=True)
+    for wav in (encoded / "data/my_corpus/train").glob("*.wav"):
+        (encoded / "data/loose/train" / wav.name).write_bytes(wav.read_bytes())
+    km = "encoder.kmeans=models/kmeans/my_corpus_k32.safetensors"
+    encoder = ["encoder=hubert_large_ll60k_layer22", "encoder.model=models/tiny-hubert", "encoder.layer=2",
+               f"encoder.n_units={K}", km, "device=cpu"]  # fmt: skip
+
+    def encode(*args: str) -> int:
+        return run_cli(encode_audio, make_cfg("encode_audio", [*encoder, "split=train", *args]))
+
+    err = one_line(encode("source=data/loose", "output_dir=data/encoded/loose"), capsys)
     assert "data/loose/train/metadata.csv|jsonl" in err and "found: train/ (" in err and ".wav" in err
     # a mistyped local folder is not looked up on the hub
-    err = one_line_error(
-        command(
-            "scripts/encode_audio.py",
-            *encode,
-            "source=data/my_corpu",
-            "split=train",
-            "output_dir=data/encoded/x",
-            cwd=cwd,
-            code=2,
-        )
-    )
+    err = one_line(encode("source=data/my_corpu", "output_dir=data/encoded/x"), capsys)
     assert "source=data/my_corpu: no such local file or folder" in err and "did you mean data/my_corpus?" in err
-    err = one_line_error(command("recipes/sft.py", f"{folder[:-1]}", *train, "output_dir=runs/typo", cwd=cwd, code=2))
+    err = one_line(sft(folder[:-1], "output_dir=runs/typo"), capsys)
     assert "no such local file or folder" in err and "did you mean data/encoded/my_corpus?" in err
-    err = one_line_error(
-        command(
-            "scripts/train_kmeans.py",
-            "encoder.model=models/tiny-hubrt",
-            "source=data/my_corpus",
-            "k=4",
-            "output=models/x.safetensors",
-            cwd=cwd,
-            code=2,
-        )
-    )
-    assert (
-        "encoder.model=models/tiny-hubrt: no such local file or folder" in err
-        and "did you mean models/tiny-hubert" in err
-    )
+
+    def kmeans(*args: str) -> int:
+        return run_cli(train_kmeans, make_cfg("train_kmeans", ["source=data/my_corpus", "k=4", *args]))
+
+    err = one_line(kmeans("encoder.model=models/tiny-hubrt", "output=models/x.safetensors"), capsys)
+    assert "encoder.model=models/tiny-hubrt: no such local file or folder" in err
+    assert "did you mean models/tiny-hubert" in err
     # no encoder without the hub: the way to use a downloaded one, and the dry-run encoder
-    err = one_line_error(
-        command("scripts/train_kmeans.py", "source=data/my_corpus", "k=4", "output=x.safetensors", cwd=cwd, code=2)
-    )
+    err = one_line(kmeans("output=x.safetensors"), capsys)
     assert "encoder.model=facebook/hubert-large-ll60k" in err and "encoder.model=<its local directory>" in err
     assert "huggingface-cli download" in err and "scripts/make_tiny_encoder.py" in err
     # the folder's encoding.json is the truth: a model with fewer unit rows than the folder's units is refused
-    command(
-        "scripts/extend_llama3_2.py",
-        "--n_new_dsus",
-        "16",
-        "--input_dir",
-        "models/tiny-llama",
-        "--output_dir",
-        "models/tiny-llama-16",
-        cwd=cwd,
-    )
-    err = one_line_error(
-        command(
-            "scripts/inspect_data.py",
-            "model=models/tiny-llama-16",
-            "data=sft/encoded",
-            "data.train.dataset.source=data/encoded/my_corpus",
-            cwd=cwd,
-            code=2,
-        )
-    )
+    command("scripts/extend_llama3_2.py", "--n_new_dsus", "16", "--input_dir", "models/tiny-llama",
+            "--output_dir", "models/tiny-llama-16", cwd=encoded)  # fmt: skip
+    err = one_line(sft(folder, "data.dev.from_train=0.2", "output_dir=runs/16", model="models/tiny-llama-16"), capsys)
     assert f"has {K} units but the model manifest has n_dsus=16" in err
     # wer.py names a missing input before anything else
-    (cwd / "gen").mkdir()
-    (cwd / "gen/wer.json").write_text("{}")
-    err = one_line_error(command("scripts/wer.py", "gen/generations.jsonl", cwd=cwd, code=2))
+    (encoded / "gen").mkdir()
+    (encoded / "gen/wer.json").write_text("{}")
+    err = one_line(wer(["gen/generations.jsonl"]), capsys)
     assert "gen/generations.jsonl is not a file" in err
