@@ -37,7 +37,7 @@ class StepFailed(RuntimeError):
     pass
 
 
-QUIET_ENV = {"VLLM_LOGGING_LEVEL": "WARNING"}  # vLLM's engine start prints some 150 INFO lines
+QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR"}  # an engine start prints some 150 INFO lines and 40 warnings
 
 
 def run_step(title: str, args: list[str]) -> float:
