@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -106,3 +107,19 @@ def atomic_write_text(path: Path, text: str, overwrite: bool = False) -> None:
 
 def atomic_write_json(path: Path, data: Any, overwrite: bool = False) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n", overwrite)
+
+
+def file_sha256(path: Path, chunk: int = 16 << 20) -> str:
+    """The sha256 of a file's contents, read in chunks (weights files are many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def append_jsonl(path: Path, record: Any) -> None:
+    """Append one JSON line (a small history file: each line is written whole with one write)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

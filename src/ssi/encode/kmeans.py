@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ssi.encode import EncodeError
-from ssi.encode.provenance import file_sha256
+from ssi.files import file_sha256
 
 KMEANS_FORMAT = "ssi-kmeans/1"
 CENTROIDS_TENSOR = "centroids"

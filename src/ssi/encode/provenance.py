@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 
 from ssi.encode import EncodeError
+from ssi.files import file_sha256
 from ssi.locations import hub_failure_message, looks_local, missing_path_message
 from ssi.versions import package_versions
 
@@ -14,15 +15,6 @@ HF_PREFIX = "hf://"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")  # in transformers' order of preference
 # The stack whose versions can change units: decoding, resampling, the encoder and the k-means reader.
 ENCODE_STACK = ("ssi", "torch", "transformers", "datasets", "soundfile", "soxr", "numpy", "scikit-learn", "pyarrow")
-_CHUNK = 16 << 20
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weight_files(model_dir: Path) -> list[Path]:
