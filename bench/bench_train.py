@@ -17,14 +17,26 @@ With `--device cuda`: throughput of a Llama-3.2-1B-shaped model (random weights,
 the tiny model (a check of the plumbing, not a figure).
 
     python bench/bench_train.py --device cuda [--steps 30] [--batch 8] [--nproc 1]
+
+With `--trainable`: full training vs `trainable=new_embeddings` vs `trainable=lora` (rank 8, all seven
+projections, new rows trained) on the 1B shape, each in a process of its own: trained parameters,
+optimizer-state bytes, peak memory (process RSS on the CPU, GPU memory with `--device cuda`) and step time,
+as ratios to full training measured in the same run. On the CPU the weights are bf16 without fp32 master
+copies (full training of 1.2B parameters with fp32 master weights and AdamW takes ~20 GB); on CUDA bf16 mixed
+precision, the recipe's default.
+
+    python bench/bench_train.py --trainable [--device cuda] [--steps 3] [--batch 1] [--seq-len 512]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -220,6 +232,87 @@ def device_throughput(args: argparse.Namespace) -> None:
             )
 
 
+TRAINABLE_MODES = {
+    "full": ["trainable=full"],
+    "new_embeddings": ["trainable=new_embeddings"],
+    "lora": ["trainable=lora", "lora.rank=8"],
+}
+
+
+def one_trainable_mode(args: argparse.Namespace) -> None:
+    """One mode of the `--trainable` table, in this process (its peak RSS is this process's): prints JSON."""
+    work, device = args.workdir, args.device or "cpu"
+    precision = ["dtype=bf16", f"mixed_precision={str(device == 'cuda').lower()}"]
+    extra = [
+        f"device={device}",
+        *precision,
+        "data.encoder.n_units=5000",
+        f"data.sequence.max_seq_len={args.seq_len}",
+        "log_steps=1",
+        *TRAINABLE_MODES[args.one_trainable],
+    ]
+    out = work / f"run-{args.one_trainable}"
+    cfg = ssi_cfg(work / "model", work / "corpus", out, args.warmup + args.steps, args.batch, *extra)
+    recipe = SpeechTrainingRecipe(cfg, "cpt")
+    recipe.setup()
+    trained = sum(p.numel() for p in recipe.model.parameters() if p.requires_grad)
+    recipe.train()
+    optimizer_bytes = sum(
+        t.numel() * t.element_size()
+        for per_param in recipe.optimizer.state.values()
+        for t in per_param.values()
+        if isinstance(t, torch.Tensor)
+    )
+    recipe.cleanup()
+    timed = [m for step, m in read_metrics(out).items() if step > args.warmup and "tokens_per_second" in m]
+    seconds = sorted((m["text_tokens"] + m["dsu_tokens"] + m["special_tokens"]) / m["tokens_per_second"] for m in timed)
+    peak = max(m.get("peak_memory_gib", m.get("peak_rss_gib", 0.0)) for m in timed)
+    result = {
+        "trained": trained,
+        "optimizer_bytes": optimizer_bytes,
+        "peak_gib": peak,
+        "step_s": seconds[len(seconds) // 2],
+    }
+    print(json.dumps(result), flush=True)
+
+
+def compare_trainable(args: argparse.Namespace) -> None:
+    """The `--trainable` table: each mode in a subprocess, ratios to full training."""
+    work = args.workdir
+    t0 = time.perf_counter()
+    base = write_llama_dir(work / "base", shape=LLAMA_3_2_1B, dtype=torch.bfloat16, n_bpe=128000)
+    extend_model_dir(base, work / "model", 5000, progress=False)
+    spec = SyntheticSpec(n_train=256, n_validation=8, n_test=8, n_units=5000, min_words=25, max_words=55)
+    make_synthetic_dataset(work / "corpus", spec, progress=False)
+    shutil.rmtree(base)
+    device = args.device or "cpu"
+    print(f"1B-shaped model (vocabulary 128,256 + 5,002) and corpus ready in {time.perf_counter() - t0:.0f} s")
+    precision = "bf16 mixed precision (fp32 master weights)" if device == "cuda" else "bf16 weights, no master copy"
+    print(f"CPT on {device}, {precision}, batch {args.batch} x {args.seq_len} tokens, median of {args.steps} steps")
+    results = {}
+    for mode in TRAINABLE_MODES:
+        command = [sys.executable, __file__, "--one-trainable", mode, "--workdir", str(work)]
+        command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
+        command += ["--seq-len", str(args.seq_len), *(["--device", args.device] if args.device else [])]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{mode}: {done.stderr[-2000:]}")
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    full = results["full"]
+    memory = "peak GPU GiB" if device == "cuda" else "peak RSS GiB"
+    print(f"{'trainable':<16}{'trained params':>16}{'optimizer GiB':>15}{memory:>14}{'s/step':>9}   ratios to full")
+    for mode, r in results.items():
+        gib = r["optimizer_bytes"] / 2**30
+        ratios = (
+            f"params {r['trained'] / full['trained']:.4f}"
+            f", optimizer {r['optimizer_bytes'] / full['optimizer_bytes']:.4f}"
+            f", memory {r['peak_gib'] / full['peak_gib']:.2f}, time {r['step_s'] / full['step_s']:.2f}"
+        )
+        print(
+            f"{mode:<16}{r['trained']:>16,}{gib:>15.3f}{r['peak_gib']:>14.2f}{r['step_s']:>9.2f}   {ratios}", flush=True
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
@@ -229,10 +322,20 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cuda (or cpu): the device throughput table instead")
     parser.add_argument("--shape", choices=("1b", "tiny"), default="1b", help="model of the device table")
     parser.add_argument("--warmup", type=int, default=5, help="device table: untimed first steps (compilation)")
+    parser.add_argument("--trainable", action="store_true", help="full vs new_embeddings vs lora on the 1B shape")
+    parser.add_argument("--seq-len", type=int, default=512, help="--trainable: max sequence length")
+    parser.add_argument("--one-trainable", choices=tuple(TRAINABLE_MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.one_trainable is not None:
+        one_trainable_mode(args)
+        return
     shutil.rmtree(args.workdir, ignore_errors=True)
+    if args.trainable:
+        compare_trainable(args)
+        shutil.rmtree(args.workdir, ignore_errors=True)
+        return
     if args.device is not None:
         device_throughput(args)
         shutil.rmtree(args.workdir, ignore_errors=True)

@@ -7,7 +7,8 @@
 #
 # Checks, in order: the install is the CUDA build (torch and vLLM), a 1B-shaped model extends by 5,000
 # units, CPT trains padded and packed (bf16 mixed precision; tokens/s and MFU from the run's logs),
-# trainable=new_embeddings keeps every base row bit-identical under FSDP2 (2 GPUs when present), a resumed
+# trainable=new_embeddings keeps every base row bit-identical under FSDP2 (2 GPUs when present), LoRA trains
+# under FSDP2 and writes a merged checkpoint with its PEFT adapter, a resumed
 # run continues with the uninterrupted run's losses, SFT starts from the CPT checkpoint, vLLM generates
 # and scores the test split (WER), and bench/bench_train.py --device cuda prints tokens/s, MFU and memory.
 # SSI_PYTHON selects the interpreter (default: the repository's .venv/bin/python, else python).
@@ -163,6 +164,13 @@ fsdp_new_embeddings() {
     base_rows_unchanged "$WORK/model" "$WORK/new-embeddings"
 }
 check "new_embeddings, $NPROC rank(s)" fsdp_new_embeddings
+fsdp_lora() {  # LoRA under FSDP2: a merged checkpoint and its PEFT adapter; the run's figures
+  LAUNCH=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port 29518)
+  train cpt "$WORK/lora" "${MODEL[@]}" trainable=lora optimizer.lr=1e-3 >/dev/null &&
+    ls "$WORK"/lora/checkpoints/epoch_*/global_step_"$STEPS"/adapter/adapter_model.safetensors >/dev/null &&
+    figures cpt "$WORK/lora"
+}
+check "LoRA, $NPROC rank(s)" fsdp_lora
 HALF=$(find "$WORK/cpt-padded/checkpoints" -maxdepth 2 -name "global_step_$((STEPS / 2))" | head -n 1)
 check "resume from step $((STEPS / 2))" train cpt "$WORK/cpt-resumed" "${MODEL[@]}" "resume_from_checkpoint=$HALF"
 check "resume: same losses" same_losses "$WORK/cpt-padded" "$WORK/cpt-resumed" $((STEPS / 2 + 1)) \

@@ -24,7 +24,13 @@ def test_gpu_smoke_script_passes_its_cpu_checks(tmp_path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + (tmp_path / "smoke/smoke.log").read_text()[-3000:]
     lines = done.stdout.splitlines()
-    assert lines[-1].startswith("gpu_smoke: 11 passed, 0 failed, 2 skipped"), done.stdout
-    for check in ("CPT packed", "new_embeddings, 2 rank(s)", "resume: same losses", "vLLM generation + WER"):
+    assert lines[-1].startswith("gpu_smoke: 12 passed, 0 failed, 2 skipped"), done.stdout
+    for check in (
+        "CPT packed",
+        "new_embeddings, 2 rank(s)",
+        "LoRA, 2 rank(s)",
+        "resume: same losses",
+        "vLLM generation + WER",
+    ):
         assert any(line.startswith("PASS") and check in line for line in lines), (check, done.stdout)
     assert any("base rows bit-identical" in line for line in lines)

@@ -4,9 +4,12 @@ evaluations of a training run live, how to find them, and how to read the run's 
 ```
 <run>/torchtune_config.yaml                          the fully resolved config of the run
 <run>/logs/log_<time>.txt                            metrics, one `Step <n> | key:value ...` line per log call
-<run>/checkpoints/epoch_<E>/global_step_<S>/         a complete HF model directory
+<run>/logs/stops.jsonl                               why each attempt stopped (max_steps, max_tokens, signal...)
+<run>/checkpoints/epoch_<E>/global_step_<S>/         a complete HF model directory (LoRA: merged)
+    adapter/                                         trainable=lora: the same model as a PEFT adapter
     training_state/training_state.pt                 optimizer, schedule, RNG, counters (exact resume)
     training_state/master_weights.safetensors        fp32 weights when the HF weights are saved in bf16
+    training_state/trained.safetensors               frozen base (new_embeddings, lora): what was trained
 <run>/generations/epoch_<E>/global_step_<S>/<dataset>/<split>/   generations.jsonl, generation_config.yaml, wer.json
 <run>/evaluations/epoch_<E>/global_step_<S>/<benchmark>/         scores.jsonl, summary.json, [zerospeech/]
 <run>/evaluations/tasks/<time>/                      an evaluate_run Slurm array: tasks.txt, task-<i>.out
@@ -43,6 +46,8 @@ EVALUATIONS_DIR = "evaluations"
 TRAINING_STATE_DIR = "training_state"
 TRAINING_STATE_FILE = "training_state.pt"
 MASTER_WEIGHTS_FILE = "master_weights.safetensors"
+TRAINED_TENSORS_FILE = "trained.safetensors"  # trainable=new_embeddings|lora: only what was trained
+STOPS_FILE = "stops.jsonl"  # under logs/: why and where each attempt of the run stopped
 GENERATIONS_FILE = "generations.jsonl"
 GENERATION_CONFIG_FILE = "generation_config.yaml"
 WER_FILE = "wer.json"

@@ -282,12 +282,14 @@ class SpeechCheckpointer:
         *,
         step: int,
         training_state_writer: Callable[[Path], None] | None = None,
+        files_writer: Callable[[Path], None] | None = None,
     ) -> Path:
         """Write a complete HF directory for `state_dict["model"]` (torchtune names, full tensors on
         any device) and return its path. Every other key of `state_dict` (optimizer, lr scheduler,
         RNG states, step counters...) goes to `training_state/training_state.pt`;
         `training_state_writer(dir)` may add files of its own (e.g. per-rank data-loader state) to
-        that folder. Everything appears at once or not at all (files are flushed to disk before the
+        that folder, and `files_writer(dir)` files of its own to the checkpoint (e.g. a LoRA adapter).
+        Everything appears at once or not at all (files are flushed to disk before the
         directory is renamed into place); an existing checkpoint is never overwritten. The caller's
         dict is not modified.
 
@@ -312,6 +314,8 @@ class SpeechCheckpointer:
                     torch.save(extra, state_dir / run_dir.TRAINING_STATE_FILE)
                 if training_state_writer is not None:
                     training_state_writer(state_dir)
+            if files_writer is not None:
+                files_writer(tmp)
             _fsync_tree(tmp)
         log.info(
             "saved %s: %.2f GB of %s weights in %d file(s)%s in %.1fs",

@@ -52,21 +52,48 @@ class RunResults:
     log: dict[int, dict[str, float]]
     missing: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    stop_reason: str | None = None  # the last line of logs/stops.jsonl (ssi.train.budget.STOP_REASONS)
 
     def metric_names(self) -> set[str]:
         return {name for row in self.steps for name in row.values}
 
     @property
     def status(self) -> str:
-        """`done` (a checkpoint at max_steps), `at step N of M` (running, or stopped), or `not started`."""
+        """`done` (a checkpoint at max_steps, or `done (max_tokens)` for the budget that ended it), `at step N
+        of M` (running, or stopped), or `not started`."""
         max_steps = self.settings.get("max_steps")
         saved = max((row.step for row in self.steps if row.checkpoint), default=None)
         if isinstance(max_steps, int) and saved is not None and saved >= max_steps:
             return "done"
+        if self.stop_reason not in (None, "signal"):
+            return f"done ({self.stop_reason})"
         last = max(self.log, default=saved)
         if last is None:
             return "not started"
         return f"at step {last} of {max_steps}" if isinstance(max_steps, int) else f"at step {last}"
+
+
+# Settings a training mode never reads (conf/training.yaml): left out of a run of that mode, so that a
+# full run does not show a LoRA rank.
+UNREAD_BY_TRAINABLE = {"full": ("lora.",), "new_embeddings": ("lora.", "freeze"), "lora": ("freeze",)}
+
+
+def _read_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    unread = UNREAD_BY_TRAINABLE.get(str(settings.get("trainable", "full")), ())
+    return {
+        k: v for k, v in settings.items() if not any(k == u or (u.endswith(".") and k.startswith(u)) for u in unread)
+    }
+
+
+def _stop_reason(path: Path) -> str | None:
+    stops = path / run_dir.LOGS_DIR / run_dir.STOPS_FILE
+    if not stops.is_file():
+        return None
+    lines = stops.read_text().splitlines()
+    try:
+        return json.loads(lines[-1])["reason"] if lines else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def expand(path: Path, depth: int = 3) -> list[Path]:
@@ -243,7 +270,7 @@ def read_run(path: Path) -> RunResults:
     if not run_dir.is_run_dir(path):
         raise ReportInputError(f"{path} is not a run directory (no {run_dir.CONFIG_FILE})")
     reader = _Reader()
-    settings = flatten(reader.config(path / run_dir.CONFIG_FILE))
+    settings = _read_settings(flatten(reader.config(path / run_dir.CONFIG_FILE)))
     rows: dict[int, StepResults] = {}
 
     def row(step: int, epoch: int) -> StepResults:
@@ -279,4 +306,5 @@ def read_run(path: Path) -> RunResults:
     settings.update(_manifest_settings(ordered, settings.get("model"), reader))
     settings[INIT] = _init(settings.get("model"))
     has_log = (path / run_dir.LOGS_DIR).is_dir()
-    return RunResults(path, settings, ordered, log, _missing(path, ordered, has_log) + missing, reader.problems)
+    missing = _missing(path, ordered, has_log) + missing
+    return RunResults(path, settings, ordered, log, missing, reader.problems, _stop_reason(path))

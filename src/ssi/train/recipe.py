@@ -15,10 +15,13 @@ its set-up belong together. What it adds for speech research:
   on any number of ranks with bit-identical losses on CPU fp32.
 - GPUs (docs/training.md): bf16 compute with fp32 master weights by default, FSDP2 across ranks,
   batches built on the host and copied without blocking, MFU in the logs.
+- What is trained (`trainable=full | new_embeddings | lora`, `freeze=`) is one object, `ssi.train.trainable`,
+  that prepares the model and says what each checkpoint holds; the recipe has no branch per mode.
 - SIGTERM, SIGUSR1 (Slurm's pre-timeout signal) and submitit's SIGUSR2 end the run at the next step boundary
   with a checkpoint; then submitit requeues the job, or the process exits with `EXIT_PREEMPTED` so an sbatch
-  script can requeue itself (ssi.train.preemption). `resume_from_checkpoint=auto` continues a run that has a
-  checkpoint and starts one that has none; in a Hydra multirun it is the default (ssi.train.sweep).
+  script can requeue itself (ssi.train.preemption). Budgets (`max_steps`, `max_tokens`, `max_hours`,
+  `epochs`; ssi.train.budget) end it the same way with exit code 0. `resume_from_checkpoint=auto` continues a
+  run that has a checkpoint and starts one that has none; in a Hydra multirun it is the default (ssi.train.sweep).
 """
 
 from __future__ import annotations
@@ -53,11 +56,11 @@ from ssi.data.loaders import build_dataloader, set_loader_epoch, text_dataloader
 from ssi.data.sources import SourceSpec
 from ssi.data.text import TextDataset
 from ssi.dtypes import DtypeError, parse_dtype, short_name
-from ssi.files import atomic_write_text
+from ssi.files import append_jsonl, atomic_write_text
 from ssi.model.architecture import CheckpointError
 from ssi.model.builder import build_model
 from ssi.model.checkpointer import MODEL_KEY, SpeechCheckpointer
-from ssi.train import distributed, state, sweep
+from ssi.train import budget, distributed, state, sweep, trainable
 from ssi.train.loss import LinearCrossEntropyLoss
 from ssi.train.preemption import EXIT_PREEMPTED, StopSignals
 from ssi.train.sampler import GlobalBatchSampler
@@ -91,16 +94,24 @@ class SpeechTrainingRecipe:
             raise RecipeError(f"the {kind} recipe needs data={kind}/<preset>, got a {cfg.data.kind} preset")
         self.output_dir = Path(cfg.output_dir)
         self.grad_accum = int(cfg.gradient_accumulation_steps)
-        self.max_steps = int(cfg.max_steps)
-        if self.max_steps < 1 or self.grad_accum < 1:
-            raise RecipeError("max_steps and gradient_accumulation_steps must be >= 1")
+        if self.grad_accum < 1:
+            raise RecipeError("gradient_accumulation_steps must be >= 1")
+        try:
+            self.budget = budget.Budget.from_config(cfg)
+            self.frozen_base = trainable.keeps_base_frozen(str(cfg.trainable))
+        except (budget.BudgetError, trainable.TrainableError) as err:
+            raise RecipeError(str(err)) from None
+        self.max_steps = self.budget.max_steps
+        self.stop_reason: str | None = None
+        self.t_setup = time.monotonic()
+        self.wall_before = 0.0  # wall-clock seconds of earlier attempts of this run (resumes, requeues)
         self.device = torch.device("cpu")
         self.env = distributed.DistEnv()
         self.global_step = 0
         self.epoch = 0
         self.step_in_epoch = 0
         self.consumed_samples = 0
-        self.totals = {"tokens": 0, "label_tokens": 0, "train_seconds": 0.0, "skipped_steps": 0}
+        self.totals = {"tokens": 0, "label_tokens": 0, "train_seconds": 0.0, "wall_seconds": 0.0, "skipped_steps": 0}
         self.stop = StopSignals()
         self._last_saved_step = -1
         self.metric_loggers: list[Any] = []
@@ -108,6 +119,7 @@ class SpeechTrainingRecipe:
     # --- setup -----------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        self.t_setup = time.monotonic()
         self.env = distributed.env_from_launcher()
         try:
             self.device = devices.resolve_device(cfg.device, self.env.local_rank)
@@ -125,8 +137,9 @@ class SpeechTrainingRecipe:
         self.global_batch_size = int(cfg.data.train.dataloader.batch_size) * self.grad_accum * self.env.world_size
 
         resume_from = self._resolve_resume()
-        self._resolve_model(resume_from is not None)
-        source_dir = resume_from or Path(cfg.model)
+        # a frozen base is read from model= again on resume: the checkpoint keeps only what was trained
+        self._resolve_model(resume_from is not None and not self.frozen_base)
+        source_dir = resume_from if resume_from is not None and not self.frozen_base else Path(cfg.model)
         if not source_dir.is_dir():
             raise RecipeError(f"model={source_dir} is not a directory{_size_preset_hint(str(cfg.model))}")
         try:
@@ -140,6 +153,12 @@ class SpeechTrainingRecipe:
         except CheckpointError as err:
             raise RecipeError(str(err)) from None
         self.vocab = self.checkpointer.vocab
+        try:
+            self.trainable = trainable.from_config(
+                cfg, self.checkpointer.architecture, self.vocab.base_vocab_size, source_dir
+            )
+        except trainable.TrainableError as err:
+            raise RecipeError(str(err)) from None
         self.tokenizer = load_tokenizer(source_dir, self.vocab)
         if self.env.is_main:
             try:
@@ -147,18 +166,12 @@ class SpeechTrainingRecipe:
             except loggers.LoggerUnavailableError as err:
                 raise RecipeError(str(err)) from None
         self._setup_data()
-        master = state.load_master_weights(resume_from) if resume_from is not None else None
-        if master is not None:
-            log.info("resuming from the %s master weights of %s", short_name(self.param_dtype), resume_from)
-        weights = master if master is not None else self.checkpointer.load_checkpoint()[MODEL_KEY]
-        self.model = self._setup_model(weights)
+        self.model = self._setup_model(self._initial_weights(resume_from))
         self.optimizer = self._setup_optimizer()
-        self.lr_scheduler = training.get_cosine_schedule_with_warmup(
-            self.optimizer,
-            num_warmup_steps=int(cfg.lr_scheduler.num_warmup_steps),
-            num_training_steps=self.max_steps,
-            num_cycles=float(cfg.lr_scheduler.num_cycles),
-        )
+        try:
+            self.lr_scheduler = budget.build_schedule(self.optimizer, cfg.lr_scheduler, self.budget)
+        except budget.BudgetError as err:
+            raise RecipeError(str(err)) from None
         self._setup_loss()
         if cfg.compile:
             training.compile_model(self.model, verbose=self.env.is_main)
@@ -175,6 +188,19 @@ class SpeechTrainingRecipe:
             for logger in self.metric_loggers:
                 logger.log_config(cfg)
         self.stop.install()
+
+    def _initial_weights(self, resume_from: Path | None) -> dict[str, torch.Tensor]:
+        """The weights to start from, in the prepared model's names: the checkpoint's (fp32 master weights
+        when it kept them), or for a frozen base the base model's plus the tensors the checkpoint kept."""
+        master = state.load_master_weights(resume_from) if resume_from is not None else None
+        if master is not None:
+            log.info("resuming from the %s master weights of %s", short_name(self.param_dtype), resume_from)
+        weights = self.trainable.model_state(
+            master if master is not None else self.checkpointer.load_checkpoint()[MODEL_KEY]
+        )
+        if resume_from is not None and self.frozen_base:
+            weights |= state.load_kept_tensors(resume_from)
+        return weights
 
     def _resolve_resume(self) -> Path | None:
         spec = self.cfg.resume_from_checkpoint
@@ -262,6 +288,10 @@ class SpeechTrainingRecipe:
         build_on = torch.device("meta") if self.env.is_distributed else self.device
         with training.set_default_dtype(self.param_dtype), build_on:
             model = build_model(self.checkpointer.architecture, max_seq_len)
+            self.trainable.prepare(model)
+        # frozen weights in the compute dtype when their file already holds them so (no master copy needed)
+        lossless = self.checkpointer.source_dtype == self.dtype
+        self.trainable.freeze(model, self.dtype if lossless else self.param_dtype)
         if cfg.enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
         if self.env.is_distributed:
@@ -277,37 +307,11 @@ class SpeechTrainingRecipe:
                         module.rope_init()
         else:
             model.load_state_dict(state_dict, strict=True)
-        training.validate_expected_param_dtype(model.named_parameters(), dtype=self.param_dtype)
-        self._set_trainable(model)
+        trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        training.validate_expected_param_dtype(trained, dtype=self.param_dtype)
+        if self.env.is_main:
+            log.info("%s", self.trainable.describe(model))
         return model
-
-    def _set_trainable(self, model: modules.TransformerDecoder) -> None:
-        """`full`: every parameter. `new_embeddings`: only the embedding (and untied output) rows added by
-        extension. Before each optimizer step the base rows' gradients are zeroed (`_row_masks`); with no
-        weight decay on them Adam leaves them bit-identical. The mask is applied to the gradient the
-        optimizer sees, not through a hook: under FSDP2 a hook on the sharded parameter never runs (the
-        gradient is computed for the unsharded one, then reduce-scattered)."""
-        self._row_masks: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-        mode = self.cfg.trainable
-        if mode == "full":
-            return
-        if mode != "new_embeddings":
-            raise RecipeError(f"trainable must be 'full' or 'new_embeddings', got {mode!r}")
-        matrices = [model.tok_embeddings.weight]
-        if isinstance(getattr(model, "output", None), torch.nn.Module):
-            matrices.append(model.output.weight)
-        for param in model.parameters():
-            param.requires_grad_(False)
-        first_new = self.vocab.base_vocab_size
-        for param in matrices:
-            param.requires_grad_(True)
-            mask = torch.zeros(param.shape[0], 1, dtype=param.dtype, device=self.device)
-            mask[first_new:] = 1
-            if hasattr(param, "device_mesh"):  # FSDP2 DTensor: shard the row mask like the parameter's rows
-                from torch.distributed.tensor import distribute_tensor
-
-                mask = distribute_tensor(mask, param.device_mesh, param.placements)
-            self._row_masks.append((param, mask))
 
     def _setup_loss(self) -> None:
         """`chunked`: torchtune's chunked cross-entropy over the model's logits. `linear`: the model stops
@@ -337,13 +341,12 @@ class SpeechTrainingRecipe:
         opt = self.cfg.optimizer
         params = [p for p in self.model.parameters() if p.requires_grad]
         fused = self.device.type == "cuda" if opt.fused == "auto" else bool(opt.fused)
-        weight_decay = 0.0 if self.cfg.trainable == "new_embeddings" else float(opt.weight_decay)
         return torch.optim.AdamW(
             params,
             lr=float(opt.lr),
             betas=tuple(opt.betas),
             eps=float(opt.eps),
-            weight_decay=weight_decay,
+            weight_decay=float(opt.weight_decay),
             fused=fused,
         )
 
@@ -361,7 +364,8 @@ class SpeechTrainingRecipe:
             state.check_resumable(
                 saved, state.fingerprint(self.cfg, self.global_batch_size), ckpt_dir, bool(self.cfg.force_resume)
             )
-        except state.ResumeError as err:
+            self.trainable.check_base(saved.get("base"), ckpt_dir)
+        except (state.ResumeError, trainable.TrainableError) as err:
             raise RecipeError(str(err)) from None
         set_optimizer_state_dict(
             self.model,
@@ -374,12 +378,37 @@ class SpeechTrainingRecipe:
         self.epoch = saved["epoch"]
         self.step_in_epoch = saved["step_in_epoch"]
         self.consumed_samples = saved["consumed_samples"]
-        self.totals = saved["totals"]
+        self.totals = {**self.totals, **saved["totals"]}
+        self.wall_before = float(self.totals["wall_seconds"])
         state.restore_rng(saved["rng"])
         self._last_saved_step = self.global_step
+        self._continue_schedule(saved.get("budget"))
+        left = self.budget.exhausted(self.global_step, self.epoch, self.totals["tokens"], self.totals["wall_seconds"])
+        if left is not None:
+            why = f"{ckpt_dir} ended its run on {self.budget.describe(left)}"
+            if self.cfg.resume_from_checkpoint != "auto":
+                raise RecipeError(f"{why}: raise {left} to train further")
+            log.info("%s: nothing left to train (raise %s to continue)", why, left)
+            self.stop_reason = left
         if self.env.is_main:
             where = f"step {self.global_step} (epoch {self.epoch}, step {self.step_in_epoch} of it)"
             log.info("resumed %s at %s", ckpt_dir, where)
+
+    def _continue_schedule(self, saved_budget: dict[str, Any] | None) -> None:
+        """`lr_scheduler.span=budget` after a budget was changed: estimate the span again from the totals."""
+        decided_at = budget.span_decision_step(self.cfg.lr_scheduler)
+        if decided_at is None or self.global_step < decided_at or saved_budget == self.budget.as_dict():
+            return
+        self._decide_span()
+        log.info("a budget changed: the lr schedule now spans %d steps", budget.schedule_of(self.lr_scheduler).span)
+
+    def _decide_span(self) -> None:
+        """Fix the cosine's length from the rates measured so far, the same on every rank (the smallest)."""
+        span = self.budget.span_steps(
+            self.global_step, self.totals["tokens"], self.totals["wall_seconds"], self.totals["train_seconds"]
+        )
+        span = int(distributed.all_reduce(torch.tensor([span], device=self.device), self.env, "min").item())
+        budget.schedule_of(self.lr_scheduler).span = span
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
@@ -395,8 +424,9 @@ class SpeechTrainingRecipe:
         )
         path = None
         if self.env.is_main:
+            merged = self.trainable.merged(model_state)
             checkpoint = {
-                MODEL_KEY: model_state,
+                MODEL_KEY: merged,
                 "version": state.STATE_VERSION,
                 "optimizer": optimizer_state,
                 "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -408,10 +438,22 @@ class SpeechTrainingRecipe:
                 "fingerprint": state.fingerprint(self.cfg, self.global_batch_size),
                 "world_size": self.env.world_size,
                 "rng": state.rng_state(),
+                "stop_reason": self.stop_reason,
+                "budget": self.budget.as_dict(),
+                "base": self.trainable.base_identity(),
             }
-            writer = state.master_weights_writer(model_state, self.param_dtype, self.checkpointer.save_dtype)
+            kept = self.trainable.kept_tensors(model_state)
+            writer = (
+                state.kept_tensors_writer(kept)
+                if kept is not None
+                else state.master_weights_writer(merged, self.param_dtype, self.checkpointer.save_dtype)
+            )
             path = self.checkpointer.save_checkpoint(
-                checkpoint, self.epoch, step=self.global_step, training_state_writer=writer
+                checkpoint,
+                self.epoch,
+                step=self.global_step,
+                training_state_writer=writer,
+                files_writer=lambda folder: self.trainable.write_files(folder, model_state),
             )
             keep = self.cfg.checkpointer.keep_last_n
             if keep:
@@ -473,9 +515,10 @@ class SpeechTrainingRecipe:
             return self.loss_fn(outputs, labels) * n_tokens, n_tokens
 
     def train(self) -> int:
-        """Run until max_steps (or a stop signal); returns the process exit code."""
+        """Run until a budget or a stop signal ends it (ssi.train.budget); returns the process exit code."""
         cfg, env = self.cfg, self.env
         log_steps, save_steps, eval_steps = int(cfg.log_steps), int(cfg.save_steps), int(cfg.eval_steps)
+        span_at = budget.span_decision_step(cfg.lr_scheduler)
         bar = tqdm(
             total=self.max_steps,
             initial=self.global_step,
@@ -485,9 +528,9 @@ class SpeechTrainingRecipe:
         )
         window: dict[str, Any] = self._new_window()
         t_window = time.perf_counter()
-        max_epochs = cfg.get("epochs")
-        while self.global_step < self.max_steps and not self.stop.received:
-            if max_epochs is not None and self.epoch >= int(max_epochs):
+        while self.stop_reason is None:
+            if self.budget.epochs is not None and self.epoch >= self.budget.epochs:
+                self.stop_reason = "epochs"
                 break
             for micro, batch in enumerate(self._micro_batches(), start=1):
                 loss_sum, n_tokens = self._forward_sum(batch)
@@ -501,17 +544,20 @@ class SpeechTrainingRecipe:
                 elapsed = time.perf_counter() - t_window
                 self.totals["train_seconds"] += elapsed
                 metrics.update(self._throughput(window, elapsed))
+                self.totals["wall_seconds"] = self.wall_before + time.monotonic() - self.t_setup
+                if self.global_step == span_at:
+                    self._decide_span()
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 if self.global_step % log_steps == 0 or self.global_step == 1:
                     self._log(metrics)
                 if self.global_step % eval_steps == 0 and (losses := self.evaluate_all()):
                     self._log(losses)
-                self._check_stop_signal()
-                if self.global_step % save_steps == 0 or self.stop.received or self.global_step >= self.max_steps:
+                self.stop_reason = self._stop_reason()
+                if self.global_step % save_steps == 0 or self.stop_reason is not None:
                     self.save_checkpoint()
                 window, t_window = self._new_window(), time.perf_counter()
-                if self.global_step >= self.max_steps or self.stop.received:
+                if self.stop_reason is not None:
                     break
             else:
                 if window["counts"]["samples"]:  # packed epochs may end inside an accumulation window: drop it
@@ -519,19 +565,51 @@ class SpeechTrainingRecipe:
                     window = self._new_window()
                 self.epoch += 1
                 self.step_in_epoch = 0
-                continue
-            break
         bar.close()
-        self.save_checkpoint()
-        if self.stop.received:
-            if env.is_main:
-                log.warning(
-                    "stopped by %s at step %d after saving a checkpoint",
-                    signal.Signals(self.stop.received).name,
-                    self.global_step,
-                )
-            return EXIT_PREEMPTED
-        return 0
+        saved = self.save_checkpoint()
+        self._record_stop(saved)
+        return EXIT_PREEMPTED if self.stop_reason == "signal" else 0
+
+    def _stop_reason(self) -> str | None:
+        """Why training ends at this step boundary, the same on all ranks: a stop signal on any rank, else
+        the first budget reached (each rank measures its own wall clock: the largest counts)."""
+        reached = self.budget.reached(self.global_step, self.totals["tokens"], self.totals["wall_seconds"])
+        code = (
+            len(budget.STOP_REASONS) if self.stop.received else budget.STOP_REASONS.index(reached) + 1 if reached else 0
+        )
+        flags = torch.tensor([self.stop.received, code], device=self.device)
+        self.stop.received, code = (int(v) for v in distributed.all_reduce(flags, self.env, "max").tolist())
+        return budget.STOP_REASONS[code - 1] if code else None
+
+    def _record_stop(self, saved: Path | None) -> None:
+        """Say why the run stopped, in the log and in `logs/stops.jsonl` (the checkpoint's training state
+        records it too when it was written at the stop)."""
+        if not self.env.is_main or self.stop_reason is None:
+            return
+        reason = self.stop_reason
+        if reason == "signal":
+            what = f"{signal.Signals(self.stop.received).name}: preempted, resume to continue"
+        else:
+            what = f"{self.budget.describe(reason)} reached"
+        log.info(
+            "stopped at step %d (%s) after %s tokens and %.2f h%s",
+            self.global_step,
+            what,
+            f"{self.totals['tokens']:,}",
+            self.totals["wall_seconds"] / 3600,
+            f"; checkpoint {saved}" if saved else "",
+        )
+        record = {
+            "reason": reason,
+            "step": self.global_step,
+            "epoch": self.epoch,
+            "tokens": self.totals["tokens"],
+            "hours": self.totals["wall_seconds"] / 3600,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        if reason == "signal":
+            record["signal"] = signal.Signals(self.stop.received).name
+        append_jsonl(self.output_dir / run_dir.LOGS_DIR / run_dir.STOPS_FILE, record)
 
     def _new_window(self) -> dict[str, Any]:
         """Sums over one accumulation window; the loss stays on the training device until the step."""
@@ -568,9 +646,6 @@ class SpeechTrainingRecipe:
             self.optimizer.zero_grad(set_to_none=True)
             self.totals["skipped_steps"] += 1
             return {"loss": float("nan"), "lr": lr, "grad_norm": float("nan"), "label_tokens": 0}
-        for param, mask in self._row_masks:
-            if param.grad is not None:
-                param.grad.mul_(mask)
         # FSDP averages gradients over ranks; undo that and divide by the window's tokens.
         training.scale_grads(self.model, torch.tensor(self.env.world_size / label_tokens))
         grad_norm = float("nan")
@@ -648,15 +723,11 @@ class SpeechTrainingRecipe:
         }
         eta = ""
         if "tokens_per_second" in metrics and self.global_step:
-            per_step = self.totals["train_seconds"] / max(self.global_step, 1)
-            eta = f" eta {time.strftime('%H:%M:%S', time.gmtime(per_step * (self.max_steps - self.global_step)))}"
+            per_step = self.totals["train_seconds"] / self.global_step
+            t = self.totals
+            last = self.budget.span_steps(self.global_step, t["tokens"], t["wall_seconds"], t["train_seconds"])
+            eta = f" eta {time.strftime('%H:%M:%S', time.gmtime(per_step * max(last - self.global_step, 0)))}"
         log.info("step %d %s%s", self.global_step, " ".join(f"{k}={v:.4g}" for k, v in shown.items()), eta)
-
-    # --- preemption ------------------------------------------------------------------------------------
-    def _check_stop_signal(self) -> None:
-        """All ranks stop at the same step if any one of them was signalled."""
-        flag = distributed.all_reduce(torch.tensor([self.stop.received], device=self.device), self.env, "max")
-        self.stop.received = int(flag.item())
 
     def cleanup(self) -> None:
         """Release what the run holds; in a local sweep the next job starts in this same process."""

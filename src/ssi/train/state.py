@@ -1,8 +1,10 @@
 """What a checkpoint carries so that a run continues exactly, and what a resumed run must share with it.
 
 Besides the HF weights, a checkpoint's `training_state/` holds the optimizer and schedule state, the RNG
-states, the position in the data, a fingerprint of the settings that change training (`RESUME_KEYS`),
-and, when the run keeps its parameters more precisely than the HF weights are saved, the master weights.
+states, the position in the data, a fingerprint of the settings that change training (`RESUME_KEYS`), why
+the run stopped, and the model's own tensors: for full training the master weights when the run keeps its
+parameters more precisely than the HF weights are saved; on a frozen base (`new_embeddings`, `lora`)
+only the trained tensors (`trained.safetensors`: new rows, adapters), the base being read from `model=`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ RESUME_KEYS = (
     "lr_scheduler",
     "max_steps",
     "trainable",
+    "lora",
+    "freeze",
     "seed",
     "dtype",
     "mixed_precision",
@@ -47,8 +51,14 @@ class ResumeError(ValueError):
 
 
 def fingerprint(cfg: DictConfig, global_batch_size: int) -> dict[str, Any]:
-    """The values of `RESUME_KEYS` in this run (the global batch as computed, not as configured)."""
-    return {key: global_batch_size if key == "global_batch_size" else select(cfg, key) for key in RESUME_KEYS}
+    """The values of `RESUME_KEYS` in this run (the global batch as computed, not as configured; `lora` only
+    when LoRA trains, `freeze` only when it freezes anything, so that runs without them compare as before)."""
+    values = {key: select(cfg, key) for key in RESUME_KEYS}
+    values["global_batch_size"] = global_batch_size
+    if values["trainable"] != "lora":
+        values["lora"] = None
+    values["freeze"] = values["freeze"] or None
+    return values
 
 
 def check_resumable(state: dict[str, Any], current: dict[str, Any], ckpt_dir: Path, force: bool) -> None:
@@ -89,6 +99,22 @@ def master_weights_writer(
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(folder / run_dir.MASTER_WEIGHTS_FILE))
 
     return write
+
+
+def kept_tensors_writer(tensors: dict[str, torch.Tensor]) -> Callable[[Path], None]:
+    """A `training_state_writer` for the tensors a frozen-base run trains, in their own (master) dtype."""
+
+    def write(folder: Path) -> None:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / run_dir.TRAINED_TENSORS_FILE))
+
+    return write
+
+
+def load_kept_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    path = run_dir.training_state_dir(ckpt_dir) / run_dir.TRAINED_TENSORS_FILE
+    if not path.is_file():
+        raise ResumeError(f"{ckpt_dir}: no {path.name} in its training state (it was not written by a frozen-base run)")
+    return load_file(path)
 
 
 def load_master_weights(ckpt_dir: Path) -> dict[str, torch.Tensor] | None:
