@@ -49,7 +49,7 @@ def encoder_from_config(cfg: Mapping[str, Any]) -> Encoder:
         raise DataValidationError(
             "data.encoder: the preset names no encoder (data=*/encoded reads it from encoding.json)"
         )
-    return Encoder(str(enc["name"]), int(enc["n_units"]), int(enc["sampling_rate"]), int(enc["downsampling_ratio"]))
+    return Encoder.from_mapping(enc)
 
 
 def section_encoder(cfg: Mapping[str, Any], source: str) -> Encoder:
@@ -63,9 +63,8 @@ def section_encoder(cfg: Mapping[str, Any], source: str) -> Encoder:
                 "scripts/encode_audio.py, or pick a preset for this dataset (encoder@data.encoder=<conf/encoder name>)"
             )
         return encoder_from_config(cfg)
-    preset = cfg.get("encoder")
-    if preset is not None and encoder_from_config(cfg) != recorded:
-        LOGGER.warning("%s records encoder %s; the preset's %s is not used", source, recorded, encoder_from_config(cfg))
+    if cfg.get("encoder") is not None and (preset := encoder_from_config(cfg)) != recorded:
+        LOGGER.warning("%s records encoder %s; the preset's %s is not used", source, recorded, preset)
     return recorded
 
 

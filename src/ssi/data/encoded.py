@@ -18,7 +18,6 @@ def folder_encoder(source: str) -> Encoder | None:
     if not manifest.is_file():
         return None
     try:
-        enc = json.loads(manifest.read_text())["encoder"]
-        return Encoder(str(enc["name"]), int(enc["n_units"]), int(enc["sampling_rate"]), int(enc["downsampling_ratio"]))
+        return Encoder.from_mapping(json.loads(manifest.read_text())["encoder"])
     except (KeyError, TypeError, ValueError) as err:
         raise DataValidationError(f"{manifest}: no readable encoder section ({type(err).__name__}: {err})") from None

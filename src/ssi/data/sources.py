@@ -15,6 +15,7 @@ import glob
 import logging
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -77,6 +78,11 @@ class Encoder:
     def __post_init__(self) -> None:
         if self.n_units <= 0 or self.sampling_rate <= 0 or self.downsampling_ratio <= 0:
             raise DataValidationError(f"encoder {self.name!r}: n_units, sampling_rate, downsampling_ratio must be > 0")
+
+    @classmethod
+    def from_mapping(cls, enc: Mapping[str, Any]) -> Encoder:
+        """From a preset's `encoder` section or an encoding.json's: name, n_units, sampling_rate, downsampling_ratio."""
+        return cls(str(enc["name"]), int(enc["n_units"]), int(enc["sampling_rate"]), int(enc["downsampling_ratio"]))
 
     @property
     def fps(self) -> float:
