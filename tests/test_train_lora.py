@@ -330,3 +330,15 @@ def test_a_lora_rank_sweep_and_a_full_run_in_one_report(tiny_extended_dir, corpu
         "lora.rank-4": ("lora", "4"),
         "full": ("full", ""),  # a full run reads no lora.* setting
     }
+
+
+def test_sft_with_lora_and_generation_from_its_merged_checkpoint(tiny_extended_dir, corpus, tmp_path) -> None:
+    from ssi.generate.pipeline import run_generation
+
+    out = tmp_path / "sft"
+    _, code, _ = run("sft", overrides("sft", tiny_extended_dir, corpus, out, *LORA, "max_steps=3", "save_steps=3"))
+    assert code == 0 and (checkpoint(out, 3) / "adapter/adapter_config.json").is_file()
+    gen = make_cfg("generate", [f"model={out}", "backend=torch", "progress=false", "sampling_params.max_tokens=6"])
+    record = run_generation(gen)  # model=<run>: its final checkpoint, merged, as any other
+    wer = json.loads((Path(record["output_dir"]) / run_dir.WER_FILE).read_text())
+    assert wer["n_utterances"] == 16

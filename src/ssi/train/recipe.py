@@ -285,8 +285,9 @@ class SpeechTrainingRecipe:
     def _setup_model(self, state_dict: dict[str, torch.Tensor]) -> modules.TransformerDecoder:
         cfg = self.cfg
         max_seq_len = cfg.data.sequence.max_seq_len
-        build_on = torch.device("meta") if self.env.is_distributed else self.device
-        with training.set_default_dtype(self.param_dtype), build_on:
+        # Built without memory (meta), then allocated once in each tensor's final dtype: an 8B model built
+        # in fp32 on the GPU would take 32 GB before its frozen weights are cast down to bf16.
+        with training.set_default_dtype(self.param_dtype), torch.device("meta"):
             model = build_model(self.checkpointer.architecture, max_seq_len)
             self.trainable.prepare(model)
         # frozen weights in the compute dtype when their file already holds them so (no master copy needed)
@@ -301,12 +302,13 @@ class SpeechTrainingRecipe:
                 compute_dtype=self.dtype if self.param_dtype != self.dtype else None,
             )
             training.load_from_full_model_state_dict(model, state_dict, self.device, strict=True)
-            with self.device:
-                for module in model.modules():
-                    if hasattr(module, "rope_init"):
-                        module.rope_init()
         else:
+            model.to_empty(device=self.device)
             model.load_state_dict(state_dict, strict=True)
+        with self.device:  # the RoPE caches are buffers, not weights: computed again where they now live
+            for module in model.modules():
+                if hasattr(module, "rope_init"):
+                    module.rope_init()
         trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         training.validate_expected_param_dtype(trained, dtype=self.param_dtype)
         if self.env.is_main:
