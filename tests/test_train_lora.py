@@ -342,3 +342,20 @@ def test_sft_with_lora_and_generation_from_its_merged_checkpoint(tiny_extended_d
     record = run_generation(gen)  # model=<run>: its final checkpoint, merged, as any other
     wer = json.loads((Path(record["output_dir"]) / run_dir.WER_FILE).read_text())
     assert wer["n_utterances"] == 16
+
+
+def test_a_full_training_checkpoint_does_not_resume_as_lora(tiny_extended_dir, corpus, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    run("cpt", overrides("cpt", tiny_extended_dir, corpus, out, "max_steps=1", "save_steps=1"))
+    args = overrides(
+        "cpt",
+        tiny_extended_dir,
+        corpus,
+        out,
+        *LORA,
+        "max_steps=2",
+        "resume_from_checkpoint=latest",
+        "force_resume=true",
+    )
+    assert run_recipe(make_cfg("cpt", args), "cpt") == 2
+    assert "resume it with the trainable= it was trained with" in capsys.readouterr().err

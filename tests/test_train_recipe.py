@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -195,7 +196,6 @@ def test_new_embeddings_mode_leaves_everything_else_bit_identical(tiny_extended_
 
 
 def test_text_dev_loss_watches_forgetting(tiny_extended_dir, corpus, tmp_path, capsys) -> None:
-    import json
 
     texts = tmp_path / "text.jsonl"
     texts.write_text("".join(json.dumps({"text": f"the cat sat on mat number {i}."}) + "\n" for i in range(10)))
@@ -279,7 +279,6 @@ def test_recipe_refuses_a_preset_of_the_other_kind(tiny_extended_dir, corpus, tm
 
 
 def test_manifest_mismatch_is_refused(tiny_extended_dir, corpus, tmp_path, capsys) -> None:
-    import json
     import shutil
 
     broken = tmp_path / "model"
@@ -370,8 +369,11 @@ def test_two_processes_match_one_and_resume_across_world_sizes(tiny_extended_dir
 
 
 @pytest.mark.slow
-def test_sigusr1_checkpoints_exits_for_requeue_and_resumes_exactly(tiny_extended_dir, corpus, tmp_path) -> None:
-    common = ["max_steps=30", "save_steps=1000", "eval_steps=1000"]
+@pytest.mark.parametrize("trainable", ["full", "lora"])
+def test_sigusr1_checkpoints_exits_for_requeue_and_resumes_exactly(
+    tiny_extended_dir, corpus, tmp_path, trainable
+) -> None:
+    common = ["max_steps=30", "save_steps=1000", "eval_steps=1000", f"trainable={trainable}"]
     run("cpt", overrides("cpt", tiny_extended_dir, corpus, tmp_path / "reference", *common))
     out = tmp_path / "preempted"
     args = overrides("cpt", tiny_extended_dir, corpus, out, *common)
@@ -387,6 +389,8 @@ def test_sigusr1_checkpoints_exits_for_requeue_and_resumes_exactly(tiny_extended
     resumed = subprocess.run(recipe_cmd("cpt", [*args, "resume_from_checkpoint=latest"]), capture_output=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert final_weights(out, 30) == final_weights(tmp_path / "reference", 30)
+    reasons = [json.loads(line)["reason"] for line in (out / "logs/stops.jsonl").read_text().splitlines()]
+    assert reasons == ["signal", "max_steps"]
 
 
 @pytest.mark.slow

@@ -49,6 +49,32 @@ def write_tiny_hubert(
     return Path(path)
 
 
+def write_tiny_whisper(path: Path, *, d_model: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A Whisper directory with a tiny random encoder (and decoder) and the real 80-mel, 30 s front end."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    torch.manual_seed(seed)
+    config = WhisperConfig(
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=2 * d_model,
+        decoder_ffn_dim=2 * d_model,
+        num_mel_bins=80,
+        vocab_size=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        max_target_positions=32,
+    )
+    WhisperModel(config).eval().save_pretrained(path)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(path)
+    return Path(path)
+
+
 def write_tiny_mimi(path: Path, *, codebook_size: int = 256, seed: int = 0) -> Path:
     """A Mimi directory at 24 kHz / 12.5 Hz with random, filled codebooks of `codebook_size` (a power of 2)."""
     from transformers import EncodecFeatureExtractor, MimiConfig, MimiModel

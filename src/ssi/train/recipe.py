@@ -199,7 +199,10 @@ class SpeechTrainingRecipe:
             master if master is not None else self.checkpointer.load_checkpoint()[MODEL_KEY]
         )
         if resume_from is not None and self.frozen_base:
-            weights |= state.load_kept_tensors(resume_from)
+            try:
+                weights |= state.load_kept_tensors(resume_from)
+            except state.ResumeError as err:
+                raise RecipeError(str(err)) from None
         return weights
 
     def _resolve_resume(self) -> Path | None:

@@ -113,7 +113,10 @@ def kept_tensors_writer(tensors: dict[str, torch.Tensor]) -> Callable[[Path], No
 def load_kept_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     path = run_dir.training_state_dir(ckpt_dir) / run_dir.TRAINED_TENSORS_FILE
     if not path.is_file():
-        raise ResumeError(f"{ckpt_dir}: no {path.name} in its training state (it was not written by a frozen-base run)")
+        raise ResumeError(
+            f"{ckpt_dir}: no {path.name} in its training state, so it was not written with trainable=new_embeddings "
+            "or lora: resume it with the trainable= it was trained with, or start a new run from it (model=<it>)"
+        )
     return load_file(path)
 
 
