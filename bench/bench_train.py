@@ -197,14 +197,15 @@ def device_throughput(args: argparse.Namespace) -> None:
         n_bpe=128000 if one_b else None,
     )
     model_dir = extend_model_dir(base, work / "model", n_dsus, progress=False)
-    spec = SyntheticSpec(n_train=4096, n_validation=8, n_test=8, n_units=n_dsus, min_words=25, max_words=55)
+    n_train = 4096 if one_b else 64  # the tiny plumbing check trains a handful of steps
+    spec = SyntheticSpec(n_train=n_train, n_validation=8, n_test=8, n_units=n_dsus, min_words=25, max_words=55)
     corpus = make_synthetic_dataset(work / "corpus", spec, progress=False)
     print(f"{args.shape} model and MLS-like corpus ready in {time.perf_counter() - t0:.0f} s")
     steps = args.warmup + args.steps
     print(f"CPT on {args.device}, bf16 mixed precision, batch {args.batch} x 2048 tokens, {args.steps} timed steps")
     print(f"{'batches':<8}{'compile':>8}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}")
     for packed in (False, True):
-        for compiled in (False, True):
+        for compiled in (False, True) if args.compile == "both" else (False,):
             extra = [
                 f"device={args.device}",
                 "dtype=bf16",
@@ -328,6 +329,7 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cuda (or cpu): the device throughput table instead")
     parser.add_argument("--shape", choices=("1b", "tiny"), default="1b", help="model of the device table")
     parser.add_argument("--warmup", type=int, default=5, help="device table: untimed first steps (compilation)")
+    parser.add_argument("--compile", choices=("both", "off"), default="both", help="device table: compile on too")
     parser.add_argument("--trainable", action="store_true", help="full vs new_embeddings vs lora on the 1B shape")
     parser.add_argument("--seq-len", type=int, default=512, help="--trainable: max sequence length")
     parser.add_argument("--layers", type=int, default=16, help="--trainable: decoder layers of the 1B shape")

@@ -9,7 +9,7 @@
 # units, CPT trains padded and packed (bf16 mixed precision; tokens/s and MFU from the run's logs),
 # trainable=new_embeddings keeps every base row bit-identical under FSDP2 (2 GPUs when present), LoRA trains
 # under FSDP2 and writes a merged checkpoint with its PEFT adapter, a resumed
-# run continues with the uninterrupted run's losses, SFT starts from the CPT checkpoint, vLLM generates
+# run continues with the uninterrupted run's losses, SFT starts from the CPT checkpoint, vLLM (torch with --cpu) generates
 # and scores the test split (WER), and bench/bench_train.py --device cuda prints tokens/s, MFU and memory.
 # SSI_PYTHON selects the interpreter (default: the repository's .venv/bin/python, else python).
 set -uo pipefail
@@ -26,9 +26,11 @@ cd "$REPO" || exit 2
 
 if [ "$CPU" = 1 ]; then
   DEVICE=cpu DTYPE=fp32 SHAPE=custom N_DSUS=300 STEPS=8 BATCH=4 NGPU=0 N_TRAIN=400  # 8 steps x 4 use 32 of them
+  SEQ_LEN=1024 WORDS=(--min_words 10 --max_words 25) BACKEND=torch  # vLLM's CPU build has tests of its own
   SIZE=(size=tiny)
 else
-  DEVICE=cuda DTYPE=bf16 SHAPE=llama3.2-1b N_DSUS=5000 STEPS=20 BATCH=8 N_TRAIN=2000
+  DEVICE=cuda DTYPE=bf16 SHAPE=llama3.2-1b N_DSUS=5000 STEPS=20 BATCH=8 N_TRAIN=2000 SEQ_LEN=2048 BACKEND=vllm
+  WORDS=(--min_words 25 --max_words 55)  # MLS-like: ~8-20 s at 50 Hz
   NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
   SIZE=(size=llama3_2_1b)
 fi
@@ -75,7 +77,7 @@ train() {  # train KIND OUT [overrides...]: one recipe run with the smoke's comm
   shift 2
   "${LAUNCH[@]}" "recipes/$kind.py" "data=$kind/synthetic" "${SIZE[@]}" "device=$DEVICE" "dtype=$DTYPE" \
     "data.train.dataset.source=$WORK/corpus" "data.encoder.n_units=$N_DSUS" "data.train.dataloader.batch_size=$BATCH" \
-    "data.dev.dataset.n_samples=32" "data.sequence.max_seq_len=2048" "output_dir=$out" "max_steps=$STEPS" "save_steps=$((STEPS / 2))" \
+    "data.dev.dataset.n_samples=32" "data.sequence.max_seq_len=$SEQ_LEN" "output_dir=$out" "max_steps=$STEPS" "save_steps=$((STEPS / 2))" \
     "eval_steps=$STEPS" "log_steps=1" "progress=false" "lr_scheduler.num_warmup_steps=2" "$@" && figures "$kind" "$out"
 }
 
@@ -154,7 +156,7 @@ check "base model ($SHAPE)" "$PY" scripts/make_tiny_llama.py --output_dir "$WORK
 check "extend +$N_DSUS units" "$PY" scripts/extend_llama3_2.py --n_new_dsus "$N_DSUS" --input_dir "$WORK/base" \
   --output_dir "$WORK/model" --dsu_encoder synthetic --frame_rate 50 --no-progress
 check "MLS-like corpus" "$PY" scripts/make_synthetic_dataset.py --output_dir "$WORK/corpus" --n_units "$N_DSUS" \
-  --n_train "$N_TRAIN" --n_validation 64 --n_test 64 --min_words 25 --max_words 55
+  --n_train "$N_TRAIN" --n_validation 64 --n_test 64 "${WORDS[@]}"
 MODEL=(model="$WORK/model")
 check "CPT padded" train cpt "$WORK/cpt-padded" "${MODEL[@]}"
 check "CPT packed" train cpt "$WORK/cpt-packed" "${MODEL[@]}" data.packing.enabled=true
@@ -179,7 +181,7 @@ CPT_LAST=$(find "$WORK/cpt-padded/checkpoints" -maxdepth 2 -name "global_step_$S
 check "SFT from the CPT checkpoint" train sft "$WORK/sft" "model=$CPT_LAST"
 SFT_LAST=$(find "$WORK/sft/checkpoints" -maxdepth 2 -name "global_step_$STEPS" | head -n 1)
 generate_and_score() {
-  "$PY" scripts/generate.py "model=$SFT_LAST" backend=vllm progress=false sampling_params.max_tokens=48 \
+  "$PY" scripts/generate.py "model=$SFT_LAST" "backend=$BACKEND" progress=false sampling_params.max_tokens=48 \
     +data.test.dataset.n_samples=64 &&
     "$PY" - "$WORK/sft/generations" <<'EOF'
 import json, sys, yaml
@@ -190,10 +192,10 @@ print(f"WER {json.loads(wer.read_text())['wer']:.1%} on {record['n_prompts']} pr
       f"{record['prompts_per_second']:.1f} prompts/s, {record['generated_tokens_per_second']:.0f} tokens/s")
 EOF
 }
-check "vLLM generation + WER" generate_and_score
+check "generation ($BACKEND) + WER" generate_and_score
 if [ "$CPU" = 1 ]; then
   check "throughput table (tiny, cpu)" "$PY" bench/bench_train.py --device cpu --shape tiny --steps 3 --warmup 1 \
-    --batch 2 --workdir "$WORK/bench"
+    --batch 2 --compile off --workdir "$WORK/bench"
 else
   check "throughput table (1B, cuda)" "$PY" bench/bench_train.py --device cuda --steps 10 --warmup 5 \
     --workdir "$WORK/bench"

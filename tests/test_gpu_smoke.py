@@ -30,7 +30,7 @@ def test_gpu_smoke_script_passes_its_cpu_checks(tmp_path) -> None:
         "new_embeddings, 2 rank(s)",
         "LoRA, 2 rank(s)",
         "resume: same losses",
-        "vLLM generation + WER",
+        "generation (torch) + WER",
     ):
         assert any(line.startswith("PASS") and check in line for line in lines), (check, done.stdout)
     assert any("base rows bit-identical" in line for line in lines)
