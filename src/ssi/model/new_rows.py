@@ -109,8 +109,3 @@ def join_rows(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             dtype = torch.promote_types(base.dtype, new.dtype)
             out[f"{matrix}.weight"] = torch.cat([base.to(dtype), new.to(dtype)])
     return out
-
-
-def new_row_names(state: dict[str, torch.Tensor]) -> list[str]:
-    """The trainable new-row tensors among a split model's state dict keys."""
-    return [f"{matrix}.{NEW}" for matrix in _MATRICES if f"{matrix}.{NEW}" in state]
