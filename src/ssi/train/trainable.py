@@ -14,7 +14,6 @@ to resume (`kept_tensors`) and for files of its own (`write_files`). docs/traini
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,6 @@ from ssi.files import file_sha256, write_json
 from ssi.hf_dir import weight_files
 from ssi.model import lora, new_rows
 from ssi.model.architecture import LlamaArchitecture
-
-log = logging.getLogger(__name__)
 
 MODES = ("full", "new_embeddings", "lora")
 ADAPTER_DIR = "adapter"  # PEFT's adapter_config.json + adapter_model.safetensors inside each LoRA checkpoint
