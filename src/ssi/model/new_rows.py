@@ -109,3 +109,8 @@ def join_rows(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             dtype = torch.promote_types(base.dtype, new.dtype)
             out[f"{matrix}.weight"] = torch.cat([base.to(dtype), new.to(dtype)])
     return out
+
+
+def trained_rows(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained new rows of a split model's state dict, by matrix (`tok_embeddings`, and `output` when untied)."""
+    return {matrix: state[f"{matrix}.{NEW}"] for matrix in _MATRICES if f"{matrix}.{NEW}" in state}

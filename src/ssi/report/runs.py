@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,11 +79,14 @@ class RunResults:
 UNREAD_BY_TRAINABLE = {"full": ("lora.",), "new_embeddings": ("lora.", "freeze"), "lora": ("freeze",)}
 
 
+def names_setting(key: str, names: Sequence[str]) -> bool:
+    """Whether `key` is one of `names`, where a name ending in "." stands for every key under it."""
+    return any(key == name or (name.endswith(".") and key.startswith(name)) for name in names)
+
+
 def _read_settings(settings: dict[str, Any]) -> dict[str, Any]:
     unread = UNREAD_BY_TRAINABLE.get(str(settings.get("trainable", "full")), ())
-    return {
-        k: v for k, v in settings.items() if not any(k == u or (u.endswith(".") and k.startswith(u)) for u in unread)
-    }
+    return {k: v for k, v in settings.items() if not names_setting(k, unread)}
 
 
 def _stop_reason(path: Path) -> str | None:

@@ -26,6 +26,7 @@ from ssi.report.runs import (
     RunResults,
     StepResults,
     headline_metrics,
+    names_setting,
 )
 
 DEV_WER = "dev_wer"  # --select-by: the WER of the run's dev split (data.dev.dataset.split)
@@ -99,7 +100,7 @@ def differing_settings(runs: list[RunResults]) -> list[str]:
         key
         for key in keys
         if _compared(key)
-        and not any(key == u or (u.endswith(".") and key.startswith(u)) for u in unused)
+        and not names_setting(key, unused)
         and len({json.dumps(run.settings.get(key, _ABSENT), default=repr, sort_keys=True) for run in runs}) > 1
     ]
 

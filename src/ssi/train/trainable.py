@@ -186,7 +186,7 @@ class FrozenBase(Trainable):
     def write_files(self, checkpoint: Path, state: dict[str, torch.Tensor]) -> None:
         if self.adapters is None:
             return
-        rows = {m: state[f"{m}.{new_rows.NEW}"] for m in ("tok_embeddings", "output") if f"{m}.{new_rows.NEW}" in state}
+        rows = new_rows.trained_rows(state)
         config, tensors = lora.peft_adapter(state, self.adapters, self.arch, rows, self.first_new, str(self.base_dir))
         folder = checkpoint / ADAPTER_DIR  # inside the checkpoint's temporary folder: it appears with it
         folder.mkdir()
