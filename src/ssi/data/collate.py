@@ -2,7 +2,8 @@
 
 Both collators return what torchtune's models and the training loop expect: `tokens` and `labels`
 ([B, L] long tensors; labels -100 where masked or padded, not yet shifted), plus
-`token_counts` = {text, dsu, special, padding} as 0-dim tensors so the loop can log what it trains on.
+`token_counts` = {text, dsu, special, padding} as 0-dim tensors so the loop can log what it trains on
+(audio batches add `audio`, their count of audio slots, and the waveforms under `audio`).
 Packed batches add `input_pos` and `seq_lens` (document lengths per pack). Their block-causal mask (no
 token attends across documents) is built by `block_causal_mask` on the training device, in the training
 process: collate functions run in DataLoader workers, which must never touch CUDA (a forked worker cannot
@@ -20,6 +21,7 @@ from torchtune.modules.attention_utils import create_block_causal_mask
 from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
 
 from ssi.vocab.layout import SpeechVocab
+from ssi.vocab.tiktoken import AUDIO_SLOT
 
 
 def count_token_kinds(tokens: torch.Tensor, valid: torch.Tensor, vocab: SpeechVocab) -> dict[str, torch.Tensor]:
@@ -46,6 +48,41 @@ def collate_padded(
 ) -> dict[str, Any]:
     """Right-pad `tokens` with `pad_id` and `labels` with -100 to the longest sample, rounded up to a
     multiple of `pad_to_multiple_of` but not past `max_length` (the model's sequence limit)."""
+    tokens, labels, valid = _pad(batch, pad_id, pad_to_multiple_of, max_length)
+    return {"tokens": tokens, "labels": labels, "token_counts": count_token_kinds(tokens, valid, vocab)}
+
+
+def collate_audio(
+    batch: Sequence[dict[str, Any]],
+    pad_id: int,
+    n_bpe: int,
+    pad_to_multiple_of: int = 1,
+    max_length: int | None = None,
+) -> dict[str, Any]:
+    """Padded examples for a model read without speech tokens (the features method): as `collate_padded`,
+    plus `audio` (the waveforms of ASR examples with audio, ssi.data.audio_sft, unpadded: the speech encoder
+    pads them with their masks) and the count of `audio` slots; text below `n_bpe`, the rest special."""
+    tokens, labels, valid = _pad(batch, pad_id, pad_to_multiple_of, max_length)
+    is_audio = tokens == AUDIO_SLOT
+    is_text = (tokens >= 0) & (tokens < n_bpe) & valid
+    n_valid, n_audio, n_text = valid.sum(), is_audio.sum(), is_text.sum()
+    counts = {
+        "text": n_text,
+        "dsu": torch.tensor(0),
+        "special": n_valid - n_text - n_audio,
+        "padding": torch.tensor(valid.numel()) - n_valid,
+        "audio": n_audio,
+    }
+    collated = {"tokens": tokens, "labels": labels, "token_counts": counts}
+    if "audio" in batch[0]:
+        collated["audio"] = [sample["audio"] for sample in batch]
+    return collated
+
+
+def _pad(
+    batch: Sequence[dict[str, Any]], pad_id: int, pad_to_multiple_of: int, max_length: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tokens, labels and the mask of real positions, right-padded to a common length."""
     if not batch:
         raise ValueError("cannot collate an empty batch")
     longest = max(len(s["tokens"]) for s in batch)
@@ -62,7 +99,7 @@ def collate_padded(
         tokens[row, :n] = torch.as_tensor(sample["tokens"], dtype=torch.long)
         labels[row, :n] = torch.as_tensor(sample["labels"], dtype=torch.long)
         valid[row, :n] = True
-    return {"tokens": tokens, "labels": labels, "token_counts": count_token_kinds(tokens, valid, vocab)}
+    return tokens, labels, valid
 
 
 def collate_packed(batch: Sequence[dict[str, torch.Tensor]], vocab: SpeechVocab) -> dict[str, Any]:

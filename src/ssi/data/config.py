@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from ssi.data.audio_sft import AudioSFTDataset, AudioSlots, audio_columns, read_durations
 from ssi.data.cpt import CPTDataset, CPTOptions, SpanSampler
 from ssi.data.encoded import MANIFEST_NAME, folder_encoder
 from ssi.data.holdout import HoldOut
@@ -27,6 +30,8 @@ from ssi.data.sources import (
     source_kind,
     validate_dataset,
 )
+from ssi.encode import EncodeError
+from ssi.encode.sources import AudioSourceSpec, load_audio_source
 from ssi.vocab.tiktoken import SpeechLlama3Tokenizer
 
 LOGGER = logging.getLogger(__name__)
@@ -146,11 +151,11 @@ def sft_options_from_config(cfg: Mapping[str, Any]) -> SFTOptions:
 
 @dataclass
 class BuiltSplit:
-    """A split ready for a DataLoader, with what validation found."""
+    """A split ready for a DataLoader, with what validation found (`encoder`: the units' encoder; None for audio)."""
 
-    dataset: CPTDataset | SFTDataset
+    dataset: CPTDataset | SFTDataset | AudioSFTDataset
     report: ValidationReport
-    encoder: Encoder
+    encoder: Encoder | None
 
 
 # What to do when a section's split is missing from its source (a corpus with train and test only).
@@ -162,13 +167,29 @@ _WAYS_OUT = {
 }
 
 
+def data_input(cfg: Mapping[str, Any]) -> str:
+    """What a preset's rows hold: `units` (DSU ids, the units method) or `audio` (the features method)."""
+    value = str(cfg.get("input", "units"))
+    if value not in ("units", "audio"):
+        raise DataValidationError(f"data.input must be units or audio, got {value!r}")
+    return value
+
+
 def build_dataset(
-    cfg: Mapping[str, Any], split: str, tokenizer: SpeechLlama3Tokenizer, *, inference: bool = False
+    cfg: Mapping[str, Any],
+    split: str,
+    tokenizer: SpeechLlama3Tokenizer,
+    *,
+    inference: bool = False,
+    audio_slots: AudioSlots | None = None,
 ) -> BuiltSplit:
-    """Load, validate and wrap one split (`train`, `dev` or `test`) of a data preset."""
+    """Load, validate and wrap one split (`train`, `dev` or `test`) of a data preset; an audio preset needs
+    `audio_slots` (from the features method: how many prompt positions an utterance takes)."""
+    where = section_source(cfg, split)
+    if data_input(cfg) == "audio":
+        return _build_audio(cfg, split, where, tokenizer, audio_slots, inference)
     if tokenizer.vocab is None:
         raise DataValidationError("the data pipeline needs a speech-extended model (ssi.json)")
-    where = section_source(cfg, split)
     spec = where.spec
     source_kind(spec)  # a source that names nothing is said first, before what it would have recorded
     encoder = section_encoder(cfg, spec.resolved)
@@ -213,11 +234,52 @@ def build_dataset(
     return BuiltSplit(dataset, report, encoder)
 
 
+def _build_audio(
+    cfg: Mapping[str, Any],
+    section: str,
+    where: SectionSource,
+    tokenizer: SpeechLlama3Tokenizer,
+    slots: AudioSlots | None,
+    inference: bool,
+) -> BuiltSplit:
+    if slots is None:
+        raise DataValidationError(
+            "this data preset holds audio (data.input=audio), which method=features reads "
+            "(speech_encoder.model=<encoder>); the units method reads a preset of encoded units"
+        )
+    if config_value(cfg, "kind") != "sft":
+        raise DataValidationError("audio presets are SFT presets (kind: sft)")
+    if bool(config_value(cfg, "packing.enabled")):
+        raise DataValidationError("data.packing.enabled: audio batches are padded, never packed (set it to false)")
+    read = "train" if where.holdout is not None and section != "test" else section
+    ds_cfg = config_value(cfg, f"{read}.dataset")
+    spec = AudioSourceSpec(where.spec.resolved, where.spec.split, ds_cfg.get("config"), ds_cfg.get("revision"))
+    # a section may read a source with other column names (a test set of another corpus): `data.<section>.columns`
+    columns = {**config_value(cfg, "columns"), **(cfg[read].get("columns") or {})}
+    try:
+        source = load_audio_source(spec, audio_columns(columns))
+    except EncodeError as err:
+        raise DataValidationError(str(err)) from None
+    rows = list(range(len(source)))
+    if where.holdout is not None:
+        held = where.holdout.held_ids(source.ids, source.name)
+        rows = [row for row in rows if (source.ids[row] in held) == where.held_out]
+    if where.spec.shuffle_seed is not None:
+        rows = [rows[i] for i in np.random.default_rng(int(where.spec.shuffle_seed)).permutation(len(rows))]
+    if where.spec.n_samples is not None:
+        rows = rows[: int(where.spec.n_samples)]
+    durations = read_durations(source, rows, progress=bool(cfg.get("progress", False)))
+    dataset = AudioSFTDataset(source, rows, durations, tokenizer, sft_options_from_config(cfg), slots, inference)
+    report = ValidationReport(source=source.name, n_rows=len(rows))
+    return BuiltSplit(dataset, report, None)
+
+
 __all__ = [
     "BuiltSplit",
     "build_dataset",
     "columns_from_config",
     "cpt_options_from_config",
+    "data_input",
     "encoder_from_config",
     "needs_alignments",
     "section_source",

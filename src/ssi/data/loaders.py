@@ -14,7 +14,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ssi.data.collate import collate_packed, collate_padded
+from ssi.data.audio_sft import AudioSFTDataset
+from ssi.data.collate import collate_audio, collate_packed, collate_padded
 from ssi.data.config import BuiltSplit, config_value
 from ssi.data.cpt import CPTDataset
 from ssi.data.packing import PackedDataset
@@ -28,9 +29,18 @@ def _loader(dataset: Dataset, collate: Callable, *, pin_memory: bool, num_worker
 
 
 def padded_collate(
-    tokenizer: SpeechLlama3Tokenizer, pad_to_multiple_of: int = 1, max_length: int | None = None
+    tokenizer: SpeechLlama3Tokenizer, pad_to_multiple_of: int = 1, max_length: int | None = None, audio: bool = False
 ) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
-    assert tokenizer.vocab is not None
+    """Padded batches; `audio` examples, or any batch of a model without a speech vocabulary (the features
+    method's base LLM), are collated with their audio and its slots counted."""
+    if audio or tokenizer.vocab is None:
+        return partial(
+            collate_audio,
+            pad_id=tokenizer.pad_id,
+            n_bpe=tokenizer.base_vocab_size,
+            pad_to_multiple_of=pad_to_multiple_of,
+            max_length=max_length,
+        )
     return partial(
         collate_padded,
         pad_id=tokenizer.pad_id,
@@ -56,7 +66,6 @@ def build_dataloader(
 
     Call `set_loader_epoch(loader, e)` at each epoch (sample order and sequence draws).
     """
-    assert tokenizer.vocab is not None
     loader_cfg = config_value(cfg, f"{split}.dataloader")
     seed = int(config_value(cfg, "sequence.seed"))
     max_seq_len = config_value(cfg, "sequence.max_seq_len")
@@ -75,8 +84,10 @@ def build_dataloader(
             world_size=world_size,
             open_packs=int(config_value(cfg, "packing.open_packs")),
         )
+        assert tokenizer.vocab is not None
         return _loader(packed, partial(collate_packed, vocab=tokenizer.vocab), **common, **batching)
-    collate = padded_collate(tokenizer, int(loader_cfg.get("pad_to_multiple_of", 1)), max_seq_len)
+    audio = isinstance(built.dataset, AudioSFTDataset)
+    collate = padded_collate(tokenizer, int(loader_cfg.get("pad_to_multiple_of", 1)), max_seq_len, audio)
     if batch_sampler is not None:
         return _loader(built.dataset, collate, batch_sampler=batch_sampler, **common)
     sampler = DistributedSampler(
@@ -113,5 +124,5 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
     dataset = loader.dataset
-    if isinstance(dataset, (CPTDataset, SFTDataset)):
+    if isinstance(dataset, (CPTDataset, SFTDataset, AudioSFTDataset)):
         dataset.set_epoch(epoch)

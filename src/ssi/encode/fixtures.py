@@ -185,3 +185,34 @@ def mixed_clips(n: int, prefix: str = "utt", seed: int = 0) -> list[Clip]:
         rate, channels, fmt = kinds[i % len(kinds)]
         clips.append(Clip(f"{prefix}{i:04d}", round(float(rng.uniform(0.4, 3.0)), 3), rate, channels, fmt))
     return clips
+
+
+def word_tones(word: str) -> tuple[float, float]:
+    """The two frequencies (Hz) that say `word` in `write_spoken_corpus`: fixed per word, far apart."""
+    index = WORDS.index(word)
+    return 200.0 + 230.0 * index, 3600.0 - 170.0 * index
+
+
+def write_spoken_corpus(
+    folder: Path, sizes: dict[str, int], *, seconds_per_word: float = 0.16, sampling_rate: int = 16000, seed: int = 0
+) -> Path:
+    """An audiofolder corpus a tiny model can learn to transcribe: each word of `WORDS` is its own pair of tones
+    (`word_tones`), utterances of 2-4 words with a little noise, one `<split>/metadata.jsonl` per split of `sizes`."""
+    rng = np.random.default_rng(seed)
+    for split, n in sizes.items():
+        out = Path(folder) / split
+        out.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(n):
+            words = [WORDS[k] for k in rng.integers(0, len(WORDS), size=int(rng.integers(2, 5)))]
+            length = round(seconds_per_word * sampling_rate)
+            t = np.arange(length) / sampling_rate
+            pieces = [
+                0.3 * np.sin(2 * np.pi * f1 * t) + 0.2 * np.sin(2 * np.pi * f2 * t) for f1, f2 in map(word_tones, words)
+            ]
+            wave = np.concatenate(pieces) + 0.01 * rng.standard_normal(length * len(words))
+            name = f"{split}-{i:05d}.wav"
+            soundfile.write(out / name, wave.astype(np.float32), sampling_rate, subtype="PCM_16")
+            rows.append({"file_name": name, "transcript": " ".join(words)})
+        (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return Path(folder)

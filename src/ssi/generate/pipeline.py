@@ -21,9 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ssi import loggers, report_error, run_dir, setup_cli_logging
+from ssi import devices, loggers, report_error, run_dir, setup_cli_logging
 from ssi.config import MissingSettingError, required, to_container
 from ssi.data import DataValidationError
 from ssi.data.config import section_source
@@ -37,11 +38,12 @@ from ssi.generate.prompts import Prompt, build_prompts, dataset_name_from_source
 from ssi.generate.sampling import FINISH_LENGTH, FINISH_STOP, Completion, SamplingOptions
 from ssi.generate.torch_backend import generate_torch
 from ssi.generate.vllm_backend import generate_vllm
+from ssi.model import methods
 from ssi.model.architecture import CheckpointError
 from ssi.model.checkpointer import SpeechCheckpointer
 from ssi.model.engines import EngineError, stop_vllm, torch_engine, vllm_engine
 from ssi.versions import package_versions
-from ssi.vocab.tiktoken import SpeechLlama3Tokenizer, load_tokenizer
+from ssi.vocab.tiktoken import SpeechLlama3Tokenizer, model_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +63,12 @@ def _run_vllm(
     sampling: SamplingOptions,
     beam: BeamOptions,
     max_model_len: int,
+    embeds: list[Any] | None,
 ) -> tuple[list[Completion], dict[str, Any], float]:
     settings = to_container(cfg.vllm)
     engine_kwargs = beam.engine_kwargs(settings["engine_kwargs"])
+    if embeds is not None:
+        engine_kwargs["enable_prompt_embeds"] = True
     llm, settings = vllm_engine(checkpointer, settings, max_model_len, seed=sampling.seed, engine_kwargs=engine_kwargs)
     progress = bool(cfg.progress)
     try:
@@ -81,7 +86,13 @@ def _run_vllm(
             completions = best_completions(found, prompts, stop_ids)
         else:
             completions = generate_vllm(
-                llm, prompts, stop_ids=stop_ids, sampling=sampling, max_model_len=max_model_len, progress=progress
+                llm,
+                prompts,
+                stop_ids=stop_ids,
+                sampling=sampling,
+                max_model_len=max_model_len,
+                progress=progress,
+                prompt_embeds=embeds,
             )
         return completions, settings, time.perf_counter() - t0
     finally:
@@ -99,6 +110,7 @@ def _run_torch(
     sampling: SamplingOptions,
     beam: BeamOptions,
     max_model_len: int,
+    embeds: list[Any] | None,
 ) -> tuple[list[Completion], dict[str, Any], float]:
     model, device, dtype, settings = torch_engine(checkpointer, to_container(cfg.torch), max_model_len)
     common = {
@@ -115,8 +127,16 @@ def _run_torch(
         found = beam_search_torch(model, prompts, options=beam, max_tokens=sampling.max_tokens, **common)
         completions = best_completions(found, prompts, stop_ids)
     else:
-        completions = generate_torch(model, prompts, sampling=sampling, **common)
+        completions = generate_torch(model, prompts, sampling=sampling, prompt_embeds=embeds, **common)
     return completions, settings, time.perf_counter() - t0
+
+
+def _feature_device(cfg: DictConfig) -> torch.device:
+    """Where the features method's encoder and projector build prompt embeddings: the torch backend's device,
+    or the GPU when vLLM generates on one."""
+    if str(cfg.backend) == "torch":
+        return devices.resolve_device(str(cfg.torch.device))
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _jsonl(prompts: Sequence[Prompt], completions: Sequence[Completion], tokenizer: SpeechLlama3Tokenizer) -> str:
@@ -200,11 +220,15 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
             return _score_in_place(cfg, target)
         raise OutputExistsError(f"{out_dir} already exists; pass overwrite=true to replace it")
     try:
-        checkpointer = SpeechCheckpointer(model_dir, progress=progress)
-    except CheckpointError as err:
+        method = methods.from_checkpoint(model_dir)
+        checkpointer = SpeechCheckpointer(model_dir, progress=progress, extended=methods.needs_extension(method.name))
+    except (CheckpointError, methods.MethodError) as err:
         raise GenerationError(str(err)) from None
-    tokenizer = load_tokenizer(model_dir, checkpointer.vocab)
-    prompts = build_prompts(data, section, split_name, tokenizer, progress)
+    if beam.enabled and method.name != "units":
+        raise GenerationError(f"beam_search.width > 1: beam search reads token-id prompts; method={method.name} "
+                              "checkpoints generate with sampling (greedy by default)")  # fmt: skip
+    tokenizer = model_tokenizer(model_dir, checkpointer.vocab)
+    prompts = build_prompts(data, section, split_name, tokenizer, progress, method.audio_slots)
     longest = max(len(p.token_ids) for p in prompts)
     position_limit = checkpointer.architecture.max_position_embeddings
     max_model_len = int(cfg.gen.max_model_len or min(position_limit, longest + sampling.max_tokens))
@@ -227,13 +251,16 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
         longest,
         out_dir,
     )
+    t0 = time.perf_counter()
+    embeds = method.prompt_embeddings(token_lists, [p.audio for p in prompts], model_dir, _feature_device(cfg))
+    feature_seconds = time.perf_counter() - t0
     if backend == "vllm":
         completions, backend_settings, elapsed = _run_vllm(
-            cfg, checkpointer, token_lists, stop_ids, sampling, beam, max_model_len
+            cfg, checkpointer, token_lists, stop_ids, sampling, beam, max_model_len, embeds
         )
     else:
         completions, backend_settings, elapsed = _run_torch(
-            cfg, checkpointer, token_lists, stop_ids, tokenizer.pad_id, sampling, beam, max_model_len
+            cfg, checkpointer, token_lists, stop_ids, tokenizer.pad_id, sampling, beam, max_model_len, embeds
         )
     n_tokens = sum(len(c.token_ids) for c in completions)
     record: dict[str, Any] = {
@@ -243,6 +270,7 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
         "global_step": location.step,
         "backend": backend,
         "backend_settings": backend_settings,
+        **method.record(),
         "decoding": "beam_search" if beam.enabled else "sampling",
         "sampling_params": asdict(sampling),
         "beam_search": beam.record() if beam.enabled else None,
@@ -259,6 +287,7 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
         "n_generated_tokens": n_tokens,
         "finish_reasons": {r: sum(c.finish_reason == r for c in completions) for r in (FINISH_STOP, FINISH_LENGTH)},
         "generation_seconds": round(elapsed, 3),
+        "prompt_embedding_seconds": round(feature_seconds, 3) if embeds is not None else None,
         "prompts_per_second": round(len(prompts) / elapsed, 3),
         "generated_tokens_per_second": round(n_tokens / elapsed, 3),
         "versions": package_versions(),

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ssi.config import to_container
+from ssi.data.audio_sft import AudioSlots
 from ssi.data.config import SPLITS, build_dataset, section_source
 from ssi.generate import GenerationError
 from ssi.run_dir import CONFIG_FILE, CheckpointLocation
@@ -29,11 +30,13 @@ _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 @dataclass(frozen=True)
 class Prompt:
-    """One SFT inference example: the prompt ends with the assistant header."""
+    """One SFT inference example: the prompt ends with the assistant header; an audio example (the features
+    method) has its waveform and `AUDIO_SLOT` ids where its projected features go."""
 
     id: str
     reference: str
     token_ids: list[int]
+    audio: Any = None
 
 
 def dataset_name_from_source(source: str) -> str:
@@ -101,7 +104,12 @@ def resolve_data_config(cfg: DictConfig, location: CheckpointLocation, model_dir
 
 
 def build_prompts(
-    data: DictConfig, section: str, split_name: str, tokenizer: SpeechLlama3Tokenizer, progress: bool
+    data: DictConfig,
+    section: str,
+    split_name: str,
+    tokenizer: SpeechLlama3Tokenizer,
+    progress: bool,
+    audio_slots: AudioSlots | None = None,
 ) -> list[Prompt]:
     """The split's SFT inference prompts through the training data pipeline (same validation, dedup and
     chat format as in training), in split order; duplicate ids are refused since scoring matches by id."""
@@ -111,7 +119,7 @@ def build_prompts(
         )
     data = data.copy()
     data[section].dataset.split = split_name
-    built = build_dataset(data, section, tokenizer, inference=True)
+    built = build_dataset(data, section, tokenizer, inference=True, audio_slots=audio_slots)
     prompts, first_seen = [], {}
     for index in tqdm(range(len(built.dataset)), desc="building prompts", disable=not progress):
         example = built.dataset[index]
@@ -122,5 +130,5 @@ def build_prompts(
                 f"(rows {first_seen[sample_id]} and {index}); generations are matched to references by id"
             )
         first_seen[sample_id] = index
-        prompts.append(Prompt(sample_id, example["reference"], list(example["tokens"])))
+        prompts.append(Prompt(sample_id, example["reference"], list(example["tokens"]), example.get("audio")))
     return prompts

@@ -19,10 +19,14 @@ from ssi.model.engines import hidden_states
 
 
 def _last_logits(
-    model: TransformerDecoder, tokens: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
+    model: TransformerDecoder,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    pos: torch.Tensor,
+    embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float logits of the last position only (`hidden_states` leaves the projection to us)."""
-    return model.unembed(hidden_states(model, tokens, mask, pos)[:, -1])
+    return model.unembed(hidden_states(model, tokens, mask, pos, embeds)[:, -1])
 
 
 def next_tokens(
@@ -64,9 +68,12 @@ def _generate_batch(
     generators: Sequence[torch.Generator | None],
     device: torch.device,
     dtype: torch.dtype,
+    embeds: Sequence[torch.Tensor] | None = None,
 ) -> list[Completion]:
     """Left-padded prompts: positions restart at 0 on each row's first real token and padding is masked
-    out of every attention row, so each row computes exactly what it would alone."""
+    out of every attention row, so each row computes exactly what it would alone. `embeds` (one
+    [prompt length, dim] tensor per prompt) replace the prompts' token embeddings; their audio slots
+    (negative ids) are never looked up."""
     batch, width = len(prompts), max(len(p) for p in prompts)
     total = width + max(budgets)
     tokens = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
@@ -74,7 +81,8 @@ def _generate_batch(
     seen = torch.zeros((batch, model.tok_embeddings.num_embeddings), dtype=torch.bool, device=device)
     for row, prompt in enumerate(prompts):
         ids = torch.tensor(prompt, device=device)
-        tokens[row, width - len(prompt) :] = ids
+        ids = ids[ids >= 0] if embeds is not None else ids  # audio slots hold features, not tokens
+        tokens[row, width - len(prompt) :] = torch.tensor([pad_id if t < 0 else t for t in prompt], device=device)
         real[row, width - len(prompt) :] = True
         seen[row, ids] = True  # the repetition penalty covers prompt tokens too, as in vLLM
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -83,7 +91,12 @@ def _generate_batch(
     columns = torch.arange(total, device=device)
     with local_kv_cache(model, batch_size=batch, device=device, dtype=dtype, decoder_max_seq_len=total):
         mask = get_causal_mask_from_padding_mask(real[:, :width], target_seq_len=total)
-        logits = _last_logits(model, tokens, mask, get_position_ids_from_padding_mask(real[:, :width]))
+        prefill = None
+        if embeds is not None:
+            prefill = model.tok_embeddings(tokens)
+            for row, rows in enumerate(embeds):
+                prefill[row, width - rows.shape[0] :] = rows.to(device, prefill.dtype)
+        logits = _last_logits(model, tokens, mask, get_position_ids_from_padding_mask(real[:, :width]), prefill)
         for step in range(max(budgets)):
             chosen = next_tokens(logits, seen, sampling, generators)
             for row, token in enumerate(chosen.tolist()):
@@ -113,9 +126,11 @@ def generate_torch(
     device: torch.device,
     dtype: torch.dtype,
     progress: bool = True,
+    prompt_embeds: Sequence[torch.Tensor] | None = None,
 ) -> list[Completion]:
     """Generate with the torchtune model and a KV cache, `batch_size` prompts at a time (longest first,
-    so similar lengths share a batch and an out-of-memory error shows up in the first batch)."""
+    so similar lengths share a batch and an out-of-memory error shows up in the first batch);
+    `prompt_embeds` replace the prompts' token embeddings (the features method)."""
     if batch_size < 1:
         raise GenerationError(f"torch.batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -137,6 +152,7 @@ def generate_torch(
                 generators=generators,
                 device=device,
                 dtype=dtype,
+                embeds=None if prompt_embeds is None else [prompt_embeds[i] for i in index],
             )
             for i, result in zip(index, done, strict=True):
                 results[i] = result

@@ -37,13 +37,20 @@ def generate_vllm(
     sampling: SamplingOptions,
     max_model_len: int,
     progress: bool = True,
+    prompt_embeds: Sequence[Any] | None = None,
 ) -> list[Completion]:
-    """Hand every prompt to the engine at once: it schedules and batches them itself."""
-    from vllm.inputs import TokensPrompt
+    """Hand every prompt to the engine at once: it schedules and batches them itself. With `prompt_embeds`
+    (one [prompt length, dim] tensor per prompt: the features method) the engine, started with
+    `enable_prompt_embeds`, reads them instead of the token ids."""
+    from vllm.inputs import EmbedsPrompt, TokensPrompt
 
     params = [
         vllm_sampling_params(sampling, min(sampling.max_tokens, max_model_len - len(p)), stop_ids, i)
         for i, p in enumerate(prompts)
     ]
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=progress)
+    if prompt_embeds is None:
+        inputs: list[Any] = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    else:
+        inputs = [EmbedsPrompt(prompt_embeds=e) for e in prompt_embeds]
+    outputs = llm.generate(inputs, params, use_tqdm=progress)
     return [completion(out.outputs[0].token_ids, stop_ids) for out in outputs]

@@ -185,7 +185,9 @@ class SpeechCheckpointer:
     config.json. Checkpoints are written under `<output_dir>/checkpoints/`. `dtype` selects the
     dtype of saved weights (default: the one config.json declares, i.e. the source's);
     `max_shard_size` splits larger checkpoints into indexed shards. With `should_load_recipe_state`,
-    `load_checkpoint` also returns the checkpoint's training state (torchtune's flag name).
+    `load_checkpoint` also returns the checkpoint's training state (torchtune's flag name). With
+    `extended=False` (the features method reads a base Llama) the manifest is optional: `vocab` is None
+    without one.
     """
 
     def __init__(
@@ -197,11 +199,15 @@ class SpeechCheckpointer:
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         should_load_recipe_state: bool = False,
         progress: bool = True,
+        extended: bool = True,
     ) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.config = read_config(self.checkpoint_dir)
         self.architecture = LlamaArchitecture.from_config(self.config, source=str(self.checkpoint_dir / "config.json"))
         missing = missing_files(self.checkpoint_dir)
+        has_manifest = MANIFEST_NAME not in missing
+        if not extended and not has_manifest:
+            missing.remove(MANIFEST_NAME)
         if missing:
             hint = (
                 " (not a speech-extended model: create one with scripts/extend_llama3_2.py)"
@@ -210,7 +216,7 @@ class SpeechCheckpointer:
             )
             raise CheckpointError(f"{self.checkpoint_dir} is incomplete: missing {', '.join(missing)}{hint}")
         try:
-            self.vocab = SpeechVocab.load(self.checkpoint_dir)
+            self.vocab = SpeechVocab.load(self.checkpoint_dir) if has_manifest else None
         except VocabError as err:
             raise CheckpointError(str(err)) from None
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -259,7 +265,7 @@ class SpeechCheckpointer:
             sum(t.nbytes for t in state.values()) / 1e9,
             time.perf_counter() - t0,
             arch.vocab_size,
-            self.vocab.n_dsus,
+            self.vocab.n_dsus if self.vocab is not None else 0,
         )
         result: dict[str, Any] = {MODEL_KEY: state}
         if self.should_load_recipe_state:

@@ -143,12 +143,17 @@ def torch_engine(
 
 
 def hidden_states(
-    model: TransformerDecoder, tokens: torch.Tensor, mask: torch.Tensor | None, input_pos: torch.Tensor | None
+    model: TransformerDecoder,
+    tokens: torch.Tensor,
+    mask: torch.Tensor | None,
+    input_pos: torch.Tensor | None,
+    embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The last layer's output before the final norm, `[batch, seq, dim]`. `model(...)` would project every
     position onto the vocabulary ([batch, seq, 128k] floats for a real Llama); callers pass the rows they
-    need to `model.unembed` (final norm + output head, float logits)."""
-    h = model.tok_embeddings(tokens)
+    need to `model.unembed` (final norm + output head, float logits). `embeds` replaces the token embedding
+    lookup (prompts with projected speech features, ssi.model.methods.features)."""
+    h = model.tok_embeddings(tokens) if embeds is None else embeds
     for layer in model.layers:
         h = layer(h, mask=mask, input_pos=input_pos)
     return h

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,25 @@ def _load_feature_extractor(model_dir: Path) -> Any:
             "attention mask); copy the one of the hub model it was converted from"
         )
     return AutoFeatureExtractor.from_pretrained(model_dir)
+
+
+@dataclass(frozen=True)
+class FrameCount:
+    """How many feature frames an utterance of n samples gives, from the model's config alone (picklable, so
+    DataLoader workers size the audio span of a prompt without the model): a stack of convolutions without
+    padding (HuBERT family: `conv_kernel`, `conv_stride`), or a fixed hop trimmed to the audio (Whisper)."""
+
+    kernels: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    samples_per_frame: int = 0
+
+    def __call__(self, n_samples: int) -> int:
+        if not self.kernels:
+            return math.ceil(n_samples / self.samples_per_frame)
+        length = n_samples
+        for kernel, stride in zip(self.kernels, self.strides, strict=True):
+            length = max((length - kernel) // stride + 1, 0)
+        return length
 
 
 class SpeechEncoder(nn.Module):
@@ -94,8 +114,10 @@ class SpeechEncoder(nn.Module):
             self.samples_per_frame = int(self.feature_extractor.hop_length) * math.prod(
                 int(conv.stride[0]) for conv in (encoder.conv1, encoder.conv2)
             )
+            self.n_frames = FrameCount(samples_per_frame=self.samples_per_frame)
         else:
             self.samples_per_frame = math.prod(config.conv_stride)
+            self.n_frames = FrameCount(tuple(config.conv_kernel), tuple(config.conv_stride))
 
     @property
     def frame_rate(self) -> float:
@@ -111,11 +133,6 @@ class SpeechEncoder(nn.Module):
         hidden, self._captured = self._captured, None
         assert hidden is not None, "the layer hook did not fire"
         return hidden
-
-    def n_frames(self, n_samples: int) -> int:
-        if self.model_type in WHISPER:
-            return math.ceil(n_samples / self.samples_per_frame)
-        return int(self.model._get_feat_extract_output_lengths(torch.tensor(n_samples)))
 
     def forward(self, waves: Sequence[np.ndarray]) -> list[torch.Tensor]:
         device = next(self.model.parameters()).device

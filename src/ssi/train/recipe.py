@@ -15,8 +15,9 @@ its set-up belong together. What it adds for speech research:
   on any number of ranks with bit-identical losses on CPU fp32.
 - GPUs (docs/training.md): bf16 compute with fp32 master weights by default, FSDP2 across ranks,
   batches built on the host and copied without blocking, MFU in the logs.
-- What is trained (`trainable=full | new_embeddings | lora`, `freeze=`) is one object, `ssi.train.trainable`,
-  that prepares the model and says what each checkpoint holds; the recipe has no branch per mode.
+- What is trained (`trainable=full | new_embeddings | lora | projector`, `freeze=`) is one object,
+  `ssi.train.trainable`, that prepares the model and says what each checkpoint holds; how speech enters the
+  decoder (`method=units | features`) is another, `ssi.model.methods`. The recipe has no branch per mode or method.
 - SIGTERM, SIGUSR1 (Slurm's pre-timeout signal) and submitit's SIGUSR2 end the run at the next step boundary
   with a checkpoint; then submitit requeues the job, or the process exits with `EXIT_PREEMPTED` so an sbatch
   script can requeue itself (ssi.train.preemption). Budgets (`max_steps`, `max_tokens`, `max_hours`,
@@ -51,21 +52,22 @@ from ssi import devices, loggers, report_error, run_dir, setup_cli_logging
 from ssi.config import MissingSettingError, check_complete, model_dir_setting, to_container
 from ssi.data import DataValidationError
 from ssi.data.collate import block_causal_mask
-from ssi.data.config import build_dataset
+from ssi.data.config import build_dataset, data_input
 from ssi.data.loaders import build_dataloader, set_loader_epoch, text_dataloader
 from ssi.data.sources import SourceSpec
 from ssi.data.text import TextDataset
 from ssi.dtypes import DtypeError, parse_dtype, short_name
 from ssi.files import append_jsonl, atomic_write_text
+from ssi.model import methods
 from ssi.model.architecture import CheckpointError
 from ssi.model.builder import build_model
 from ssi.model.checkpointer import MODEL_KEY, SpeechCheckpointer
 from ssi.train import budget, distributed, state, sweep, trainable
 from ssi.train.loss import LinearCrossEntropyLoss
 from ssi.train.preemption import EXIT_PREEMPTED, StopSignals
-from ssi.train.sampler import GlobalBatchSampler
+from ssi.train.sampler import GlobalBatchSampler, SecondsBatchSampler
 from ssi.train.throughput import Throughput
-from ssi.vocab.tiktoken import load_tokenizer
+from ssi.vocab.tiktoken import model_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,18 @@ class SpeechTrainingRecipe:
             raise RecipeError(str(err)) from None
         if cfg.data.kind != kind:
             raise RecipeError(f"the {kind} recipe needs data={kind}/<preset>, got a {cfg.data.kind} preset")
+        self.method_name = str(cfg.get("method", "units"))
+        try:
+            methods.check_method(self.method_name, kind)
+            reads = data_input(cfg.data)
+        except (methods.MethodError, DataValidationError) as err:
+            raise RecipeError(str(err)) from None
+        wanted = methods.data_input(self.method_name)
+        if reads != wanted:
+            raise RecipeError(
+                f"method={self.method_name} reads {wanted} presets, but this data preset holds {reads} "
+                f"(data.input={reads}): pick a data=sft/<preset> of {wanted}"
+            )
         self.output_dir = Path(cfg.output_dir)
         self.grad_accum = int(cfg.gradient_accumulation_steps)
         if self.grad_accum < 1:
@@ -149,17 +163,19 @@ class SpeechTrainingRecipe:
                 dtype=cfg.checkpointer.save_dtype,
                 max_shard_size=cfg.checkpointer.max_shard_size,
                 progress=bool(cfg.progress) and self.env.is_main,
+                extended=methods.needs_extension(self.method_name),
             )
         except CheckpointError as err:
             raise RecipeError(str(err)) from None
         self.vocab = self.checkpointer.vocab
+        arch = self.checkpointer.architecture
         try:
-            self.trainable = trainable.from_config(
-                cfg, self.checkpointer.architecture, self.vocab.base_vocab_size, source_dir
-            )
-        except trainable.TrainableError as err:
+            self.method = methods.from_config(cfg, arch.embed_dim, self.dtype)
+            first_new = self.vocab.base_vocab_size if self.vocab is not None else None
+            self.trainable = trainable.from_config(cfg, arch, first_new, source_dir, self.method_name)
+        except (methods.MethodError, trainable.TrainableError) as err:
             raise RecipeError(str(err)) from None
-        self.tokenizer = load_tokenizer(source_dir, self.vocab)
+        self.tokenizer = model_tokenizer(source_dir, self.vocab)
         if self.env.is_main:
             try:
                 loggers.check_available(cfg.metric_logger)
@@ -198,12 +214,12 @@ class SpeechTrainingRecipe:
         weights = self.trainable.model_state(
             master if master is not None else self.checkpointer.load_checkpoint()[MODEL_KEY]
         )
-        if resume_from is not None and self.frozen_base:
-            try:
+        try:
+            if resume_from is not None and self.frozen_base:
                 weights |= state.load_kept_tensors(resume_from)
-            except state.ResumeError as err:
-                raise RecipeError(str(err)) from None
-        return weights
+            return self.method.model_state(weights, resume_from)
+        except (state.ResumeError, methods.MethodError) as err:
+            raise RecipeError(str(err)) from None
 
     def _resolve_resume(self) -> Path | None:
         spec = self.cfg.resume_from_checkpoint
@@ -235,9 +251,12 @@ class SpeechTrainingRecipe:
 
     def _setup_data(self) -> None:
         cfg, env = self.cfg, self.env
+        slots = self.method.audio_slots
         try:
-            self.train_split = build_dataset(cfg.data, "train", self.tokenizer)
-            self.dev_split = build_dataset(cfg.data, "dev", self.tokenizer) if cfg.data.get("dev") else None
+            self.train_split = build_dataset(cfg.data, "train", self.tokenizer, audio_slots=slots)
+            self.dev_split = (
+                build_dataset(cfg.data, "dev", self.tokenizer, audio_slots=slots) if cfg.data.get("dev") else None
+            )
         except DataValidationError as err:
             raise RecipeError(f"data: {err}") from None
         loader_cfg = cfg.data.train.dataloader
@@ -245,15 +264,7 @@ class SpeechTrainingRecipe:
         ranks = {"rank": env.rank, "world_size": env.world_size, "pin_memory": self.device.type == "cuda"}
         self.sampler = None
         if not self.packed:  # padded batches follow the resumable, world-size independent order
-            self.sampler = GlobalBatchSampler(
-                len(self.train_split.dataset),
-                int(loader_cfg.batch_size),
-                self.grad_accum,
-                rank=env.rank,
-                world_size=env.world_size,
-                shuffle=bool(loader_cfg.get("shuffle", True)),
-                seed=int(cfg.seed),
-            )
+            self.sampler = self._batch_sampler(loader_cfg)
         self.train_loader = build_dataloader(
             cfg.data, "train", self.train_split, self.tokenizer, batch_sampler=self.sampler, **ranks
         )
@@ -272,6 +283,30 @@ class SpeechTrainingRecipe:
                 env.world_size,
                 ", packed" if self.packed else "",
             )
+
+    def _batch_sampler(self, loader_cfg: DictConfig) -> GlobalBatchSampler | SecondsBatchSampler:
+        """Micro-batches of `batch_size` samples, or of at most `batch_seconds` of audio (audio presets)."""
+        env, dataset = self.env, self.train_split.dataset
+        common = {"rank": env.rank, "world_size": env.world_size, "shuffle": bool(loader_cfg.get("shuffle", True))}
+        try:
+            if loader_cfg.get("batch_seconds") is None:
+                return GlobalBatchSampler(
+                    len(dataset), int(loader_cfg.batch_size), self.grad_accum, seed=int(self.cfg.seed), **common
+                )
+            if not hasattr(dataset, "durations"):
+                raise RecipeError("data.train.dataloader.batch_seconds batches audio presets (data.input=audio)")
+            return SecondsBatchSampler(
+                dataset.durations,
+                float(loader_cfg.batch_seconds),
+                self.grad_accum,
+                max_size=int(loader_cfg.batch_size),
+                seed=int(self.cfg.seed),
+                **common,
+            )
+        except ValueError as err:
+            if isinstance(err, RecipeError):
+                raise
+            raise RecipeError(f"data: {err}") from None
 
     def _text_dev_loader(self, ranks: dict[str, Any]) -> DataLoader | None:
         """Plain-text dev set (`text_dev.source`) to watch forgetting of the base model's text ability."""
@@ -293,9 +328,10 @@ class SpeechTrainingRecipe:
         with training.set_default_dtype(self.param_dtype), torch.device("meta"):
             model = build_model(self.checkpointer.architecture, max_seq_len)
             self.trainable.prepare(model)
+            self.method.attach(model)
         # frozen weights in the compute dtype when their file already holds them so (no master copy needed)
         lossless = self.checkpointer.source_dtype == self.dtype
-        self.trainable.freeze(model, self.dtype if lossless else self.param_dtype)
+        self.trainable.freeze(model, self.dtype if lossless else self.param_dtype, self.method.is_trained)
         if cfg.enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
         if self.env.is_distributed:
@@ -315,7 +351,7 @@ class SpeechTrainingRecipe:
         trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         training.validate_expected_param_dtype(trained, dtype=self.param_dtype)
         if self.env.is_main:
-            log.info("%s", self.trainable.describe(model))
+            log.info("%s; %s", self.trainable.describe(model), self.method.describe())
         return model
 
     def _setup_loss(self) -> None:
@@ -429,7 +465,8 @@ class SpeechTrainingRecipe:
         )
         path = None
         if self.env.is_main:
-            merged = self.trainable.merged(model_state)
+            decoder_state, own = self.method.split_state(model_state)
+            merged = self.trainable.merged(decoder_state)
             checkpoint = {
                 MODEL_KEY: merged,
                 "version": state.STATE_VERSION,
@@ -447,18 +484,19 @@ class SpeechTrainingRecipe:
                 "budget": self.budget.as_dict(),
                 "base": self.trainable.base_identity(),
             }
-            kept = self.trainable.kept_tensors(model_state)
+            kept = self.trainable.kept_tensors(decoder_state)
             writer = (
                 state.kept_tensors_writer(kept)
                 if kept is not None
                 else state.master_weights_writer(merged, self.param_dtype, self.checkpointer.save_dtype)
             )
+
+            def write_files(folder: Path) -> None:
+                self.trainable.write_files(folder, decoder_state)
+                self.method.write_files(folder, own)
+
             path = self.checkpointer.save_checkpoint(
-                checkpoint,
-                self.epoch,
-                step=self.global_step,
-                training_state_writer=writer,
-                files_writer=lambda folder: self.trainable.write_files(folder, model_state),
+                checkpoint, self.epoch, step=self.global_step, training_state_writer=writer, files_writer=write_files
             )
             keep = self.cfg.checkpointer.keep_last_n
             if keep:
@@ -496,7 +534,7 @@ class SpeechTrainingRecipe:
     def _model_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Tokens and keyword inputs on the training device; a packed batch's document mask is built here,
         on the device, in the training process (never in a DataLoader worker)."""
-        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        tokens = self.method.decoder_inputs(batch, self.device)
         kwargs: dict[str, Any] = {}
         if "input_pos" in batch:
             kwargs["input_pos"] = batch["input_pos"].to(self.device, non_blocking=True)
@@ -621,7 +659,7 @@ class SpeechTrainingRecipe:
         return {
             "loss_sum": torch.zeros((), dtype=torch.float32, device=self.device),
             "label_tokens": 0,
-            "counts": {"samples": 0, "text": 0, "dsu": 0, "special": 0, "padding": 0, "model_flops": 0.0},
+            "counts": {"samples": 0, "text": 0, "dsu": 0, "special": 0, "audio": 0, "padding": 0, "model_flops": 0.0},
         }
 
     def _accumulate(self, window: dict[str, Any], batch: dict[str, Any], loss_sum: torch.Tensor, n: int) -> None:
@@ -633,7 +671,7 @@ class SpeechTrainingRecipe:
         for kind, count in kinds.items():
             counts[kind] += count
         counts["model_flops"] += self.throughput.batch_flops(
-            kinds["text"] + kinds["dsu"] + kinds["special"], batch["tokens"].shape[1]
+            kinds["text"] + kinds["dsu"] + kinds["special"] + kinds.get("audio", 0), batch["tokens"].shape[1]
         )
 
     def _optimizer_step(self, window: dict[str, Any]) -> dict[str, Any]:
@@ -668,7 +706,7 @@ class SpeechTrainingRecipe:
         summed = torch.tensor([window["counts"][name] for name in names], dtype=torch.float64)
         counts = dict(zip(names, distributed.all_reduce(summed.to(self.device), self.env).cpu().tolist(), strict=True))
         self.consumed_samples += int(counts["samples"])
-        self.totals["tokens"] += int(counts["text"] + counts["dsu"] + counts["special"])
+        self.totals["tokens"] += int(counts["text"] + counts["dsu"] + counts["special"] + counts["audio"])
         metrics = self.throughput.metrics(counts, elapsed, self.env.world_size)
         return {**metrics, "consumed_samples": self.consumed_samples, "epoch": self.epoch}
 

@@ -38,6 +38,9 @@ RESUME_KEYS = (
     "trainable",
     "lora",
     "freeze",
+    "method",
+    "speech_encoder",
+    "projector",
     "seed",
     "dtype",
     "mixed_precision",
@@ -52,12 +55,15 @@ class ResumeError(ValueError):
 
 def fingerprint(cfg: DictConfig, global_batch_size: int) -> dict[str, Any]:
     """The values of `RESUME_KEYS` in this run (the global batch as computed, not as configured; `lora` only
-    when LoRA trains, `freeze` only when it freezes anything, so that runs without them compare as before)."""
+    when LoRA trains, `freeze` only when it freezes anything, the features method's sections only with it, so
+    that runs without them compare as before)."""
     values = {key: select(cfg, key) for key in RESUME_KEYS}
     values["global_batch_size"] = global_batch_size
     if values["trainable"] != "lora":
         values["lora"] = None
     values["freeze"] = values["freeze"] or None
+    if values["method"] in (None, "units"):  # units runs compare as before the features method existed
+        values["method"] = values["speech_encoder"] = values["projector"] = None
     return values
 
 

@@ -95,7 +95,7 @@ class Throughput:
 
     def metrics(self, counts: dict[str, float], elapsed: float, world_size: int) -> dict[str, float]:
         """tokens/s, samples/s, token counts by kind, model TFLOP/s per device, MFU and peak memory."""
-        real_tokens = counts["text"] + counts["dsu"] + counts["special"]
+        real_tokens = counts["text"] + counts["dsu"] + counts["special"] + counts.get("audio", 0)
         per_device_flops = counts["model_flops"] / elapsed / world_size
         metrics = {
             "tokens_per_second": real_tokens / elapsed,
@@ -103,6 +103,7 @@ class Throughput:
             "text_tokens": int(counts["text"]),
             "dsu_tokens": int(counts["dsu"]),
             "special_tokens": int(counts["special"]),
+            "audio_positions": int(counts.get("audio", 0)),  # the features method's projected frames
             "padding_tokens": int(counts["padding"]),
             "model_tflops_per_device": per_device_flops / 1e12,
         }

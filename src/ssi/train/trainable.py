@@ -1,4 +1,4 @@
-"""What a run trains (`trainable=full | new_embeddings | lora`), as one object the recipe asks.
+"""What a run trains (`trainable=full | new_embeddings | lora | projector`), as one object the recipe asks.
 
 The recipe never branches on the mode: it builds the decoder, lets the choice `prepare` it (new modules),
 converts the loaded weights to the prepared model's names (`model_state`), `freeze`s what is not trained,
@@ -7,7 +7,8 @@ to resume (`kept_tensors`) and for files of its own (`write_files`). docs/traini
 
 - `FullTraining`: every parameter, minus those matched by `freeze=[<regex over HF names>]`.
 - `FrozenBase`: the base model stays frozen and bit-identical; trained are the rows extension added
-  (`new_embeddings`, ssi.model.new_rows), LoRA adapters (`lora`, ssi.model.lora), or both. Its training
+  (`new_embeddings`, ssi.model.new_rows), LoRA adapters (`lora`, ssi.model.lora), both, or nothing of the
+  decoder (`projector`: the features method trains its projector only, ssi.model.methods). Its training
   state keeps only those tensors; a resume reads the base again from `model=` and checks that its weight
   files are the ones the run started from.
 """
@@ -15,6 +16,7 @@ to resume (`kept_tensors`) and for files of its own (`write_files`). docs/traini
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from ssi.hf_dir import weight_files
 from ssi.model import lora, new_rows
 from ssi.model.architecture import LlamaArchitecture
 
-MODES = ("full", "new_embeddings", "lora")
+MODES = ("full", "new_embeddings", "lora", "projector")
 ADAPTER_DIR = "adapter"  # PEFT's adapter_config.json + adapter_model.safetensors inside each LoRA checkpoint
 
 
@@ -62,11 +64,12 @@ class Trainable:
     def is_trained(self, name: str) -> bool:
         return True
 
-    def freeze(self, model: nn.Module, frozen_dtype: torch.dtype) -> None:
-        """Turn off gradients of what is not trained and hold it in `frozen_dtype` (frozen weights never
-        change, so they need no fp32 master copy when the file already holds them in the compute dtype)."""
+    def freeze(self, model: nn.Module, frozen_dtype: torch.dtype, method_trains: Callable[[str], bool]) -> None:
+        """Turn off gradients of what is not trained (by this choice, or by the method: `method_trains`) and
+        hold it in `frozen_dtype` (frozen weights never change, so they need no fp32 master copy when the
+        file already holds them in the compute dtype)."""
         for name, param in model.named_parameters():
-            trained = self.is_trained(name)
+            trained = self.is_trained(name) or method_trains(name)
             param.requires_grad_(trained)
             if not trained:
                 param.data = param.data.to(frozen_dtype)
@@ -194,9 +197,12 @@ class FrozenBase(Trainable):
         save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-def from_config(cfg: DictConfig, arch: LlamaArchitecture, first_new: int | None, base_dir: Path) -> Trainable:
-    """The choice `trainable` / `lora.*` / `freeze` of a run, checked (a frozen-base mode needs a model
-    directory with the extension manifest: `first_new` is its first added row, None without one)."""
+def from_config(
+    cfg: DictConfig, arch: LlamaArchitecture, first_new: int | None, base_dir: Path, method: str = "units"
+) -> Trainable:
+    """The choice `trainable` / `lora.*` / `freeze` of a run, checked (training new rows needs a model
+    directory with the extension manifest: `first_new` is its first added row, None without one). The
+    features method has no new rows: `projector` trains its projector alone, `lora` adds adapters to it."""
     mode = str(cfg.trainable)
     check_mode(mode)
     patterns = [str(p) for p in (cfg.get("freeze") or [])]
@@ -204,14 +210,24 @@ def from_config(cfg: DictConfig, arch: LlamaArchitecture, first_new: int | None,
         raise TrainableError(f"freeze applies to trainable=full; trainable={mode} already freezes the base model")
     if mode == "full":
         return FullTraining(arch, patterns)
-    if first_new is None:
+    units = method == "units"
+    if mode == "projector" and units:
+        raise TrainableError("trainable=projector trains the features method's projector: it needs method=features")
+    if mode == "new_embeddings" and not units:
         raise TrainableError(
-            f"trainable={mode} trains the rows added by extension, but {base_dir} has no extension manifest "
-            "(ssi.json): extend the model first (scripts/extend_llama3_2.py)"
+            f"trainable=new_embeddings trains the rows of speech units; method={method} has none: use "
+            "trainable=projector (the LLM frozen), lora or full"
         )
     try:
         settings = lora.LoraSettings.from_config(cfg.lora) if mode == "lora" else None
     except lora.LoraError as err:
         raise TrainableError(str(err)) from None
-    rows = settings.train_new_embeddings if settings is not None else True
-    return FrozenBase(mode, arch, first_new, base_dir, rows=rows, adapters=settings, seed=int(cfg.seed))
+    # the features method has no new rows: its LLM may be a base model without the extension manifest
+    rows = units and (settings.train_new_embeddings if settings is not None else True)
+    if rows and first_new is None:
+        raise TrainableError(
+            f"trainable={mode} trains the rows added by extension, but {base_dir} has no extension manifest "
+            "(ssi.json): extend the model first (scripts/extend_llama3_2.py)"
+        )
+    first = first_new if first_new is not None else arch.vocab_size
+    return FrozenBase(mode, arch, first, base_dir, rows=rows, adapters=settings, seed=int(cfg.seed))

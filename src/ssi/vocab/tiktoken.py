@@ -25,6 +25,12 @@ _DSU_CLASS = f"[{chr(DSU_CHAR_OFFSET)}-{chr(DSU_CHAR_OFFSET + MAX_DSUS - 1)}]"
 _ADDED_TOKEN_PATTERN = re.compile(rf"<\|[a-z0-9_]+\|>|<extra_id_MM_(?:TEXT|SPEECH)>|{_DSU_CLASS}+")
 
 
+# One position of an utterance's audio span in a features-method prompt (ssi.data.audio_sft): never a token of any
+# vocabulary, so it cannot be confused with one; the method writes projected speech features there before the
+# decoder reads the position (ssi.model.methods.features).
+AUDIO_SLOT = -1
+
+
 class SpeechLlama3Tokenizer(Llama3Tokenizer):
     """Llama 3 tiktoken tokenizer over an extended vocabulary, or over a base vocabulary given its
     special-token table (`special_tokens`, read from the base's files by `load_base_tokenizer`).
@@ -32,6 +38,9 @@ class SpeechLlama3Tokenizer(Llama3Tokenizer):
     Special-token strings in text are encoded as their special ids, as the HF tokenizer does, so the
     two paths agree on every string. Special ids come from the table by name, never from a fixed list.
     """
+
+    # torchtune writes a message's non-text part ({"type": "image"}) as `image_id`: here, an audio slot
+    image_id = AUDIO_SLOT
 
     def __init__(
         self,
@@ -173,3 +182,9 @@ def load_tokenizer(
         max_seq_len=max_seq_len,
         prompt_template=prompt_template,
     )
+
+
+def model_tokenizer(model_dir: str | Path, vocab: SpeechVocab | None) -> SpeechLlama3Tokenizer:
+    """The tokenizer of a model directory: over its extended vocabulary (`vocab`, its ssi.json), or a base
+    Llama 3's (vocab None: the features method reads base models)."""
+    return load_tokenizer(model_dir, vocab) if vocab is not None else load_base_tokenizer(model_dir)
