@@ -40,10 +40,25 @@ TEST_SET_ENCODERS = {"hubert_large_l22": "mls_hubert_large_l22", "mimi_srvq0": "
 TEST_SET_PRESETS = sorted(f"{s}_{e}" for s in TEST_SETS for e in TEST_SET_ENCODERS)
 
 
+LS_960 = "train.clean.100+train.clean.360+train.other.500"
+AUDIO_PRESETS = {  # the features method's presets (data.input=audio): source, config, train split, test split
+    "audio_folder": ("???", None, "train", "test"),
+    "audio_librispeech_960h": ("openslr/librispeech_asr", "all", LS_960, "test.clean"),
+    "audio_librispeech_train_clean_100": ("openslr/librispeech_asr", "all", "train.clean.100", "test.clean"),
+    "audio_librispeech_train_clean_360": ("openslr/librispeech_asr", "all", "train.clean.360", "test.clean"),
+    "audio_librispeech_train_other_500": ("openslr/librispeech_asr", "all", "train.other.500", "test.clean"),
+    "audio_librispeech_test_other": ("openslr/librispeech_asr", "all", LS_960, "test.other"),
+    "audio_mls_en": ("parler-tts/mls_eng", None, "train", "test"),
+    "audio_voxpopuli_en_test": ("openslr/librispeech_asr", "en", LS_960, "test"),
+    "audio_fleurs_en_test": ("openslr/librispeech_asr", "en_us", LS_960, "test"),
+    "audio_common_voice_en_test": ("openslr/librispeech_asr", "en", LS_960, "test"),
+}  # fmt: skip
+
+
 def test_every_preset_exists_for_cpt_and_sft() -> None:
     assert set(PRESETS) == set(FRAME_RATES)
     sft = sorted(p.stem for p in (CONF / "data" / "sft").glob("*.yaml"))
-    assert sft == sorted(PRESETS + TEST_SET_PRESETS + GENERIC)  # SFT alone has the ASR test sets
+    assert sft == sorted(PRESETS + TEST_SET_PRESETS + GENERIC + list(AUDIO_PRESETS))  # SFT alone has the ASR test sets
     cpt = sorted(p.stem for p in (CONF / "data" / "cpt").glob("*.yaml") if not p.stem.startswith("_"))
     assert cpt == sorted(PRESETS + GENERIC)
 
@@ -80,6 +95,20 @@ def test_preset_composes_with_documented_keys(preset: str, kind: str) -> None:
         assert "batch_size" in data[split]["dataloader"]
     assert {"type", "mixture", "span", "dedup", "modality_tokens", "max_seq_len"} <= set(data["sequence"])
     assert {"system_prompt", "train_on_input"} <= set(data["sft"])
+
+
+@pytest.mark.parametrize("preset", sorted(AUDIO_PRESETS))
+def test_audio_presets_compose_for_the_features_method(preset: str) -> None:
+    data = data_config(f"sft/{preset}", *(["data.train.dataset.source=corpus"] if preset == "audio_folder" else []))
+    source, config, train_split, test_split = AUDIO_PRESETS[preset]
+    assert data["kind"] == "sft" and data["input"] == "audio" and data["sequence"]["modality_tokens"] is False
+    assert data["train"]["dataset"]["split"] == train_split and data["test"]["dataset"]["split"] == test_split
+    assert data["test"]["dataset"]["config"] == config
+    assert data["train"]["dataloader"]["batch_seconds"] > 0 and data["columns"]["audio"] == "audio"
+    if source != "???":
+        assert data["train"]["dataset"]["source"] == source
+    if preset.endswith("_test") and preset != "audio_librispeech_test_other":  # another corpus: its own columns
+        assert data["test"]["dataset"]["source"] != source and set(data["test"]["columns"]) == {"transcript", "id"}
 
 
 def test_every_key_of_the_common_preset_is_commented() -> None:

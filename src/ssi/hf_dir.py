@@ -27,6 +27,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TIKTOKEN_FILE = "original/tokenizer.model"
 MANIFEST_NAME = "ssi.json"  # the speech-vocabulary manifest of an extended model (ssi.vocab.layout)
+METHOD_MANIFEST = "speech_method.json"  # a features-method checkpoint's manifest (ssi.model.methods.features)
 # What a complete speech-extended model directory holds besides weights: transformers, vLLM and torchtune
 # each need some of these, and every checkpoint carries them all.
 REQUIRED_SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, TIKTOKEN_FILE, MANIFEST_NAME)
@@ -80,8 +81,11 @@ def read_llama_config(model_dir: Path) -> dict[str, Any]:
 
 
 def missing_files(model_dir: Path) -> list[str]:
-    """What a directory lacks to be a complete speech-extended model or checkpoint (empty: complete)."""
+    """What a directory lacks to be a complete speech-extended model or checkpoint (empty: complete). A
+    checkpoint of the features method may hold a base LLM: its speech_method.json stands for ssi.json."""
     missing = [f for f in REQUIRED_SIDE_FILES if not (model_dir / f).is_file()]
+    if MANIFEST_NAME in missing and (model_dir / METHOD_MANIFEST).is_file():
+        missing.remove(MANIFEST_NAME)
     if not (model_dir / SAFETENSORS_SINGLE).is_file() and not (model_dir / SAFETENSORS_INDEX).is_file():
         missing.append(f"{SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}")
     return missing

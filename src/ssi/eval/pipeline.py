@@ -37,6 +37,7 @@ from ssi.eval.items import BenchmarkError, Item, check_units, read_items
 from ssi.eval.likelihood import Pair, score_torch, score_vllm, tree_length
 from ssi.eval.sequences import SequenceBuilder, resolve_settings
 from ssi.files import atomic_output_dir, write_json
+from ssi.hf_dir import METHOD_MANIFEST
 from ssi.model.architecture import CheckpointError
 from ssi.model.checkpointer import SpeechCheckpointer
 from ssi.model.engines import EngineError, stop_vllm, torch_engine, vllm_engine
@@ -134,6 +135,12 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     overwrite = bool(cfg.overwrite)
     if out_dir.exists() and not overwrite:  # before any work
         raise OutputExistsError(f"{out_dir} already exists; pass overwrite=true to replace it")
+    if (model_dir / METHOD_MANIFEST).is_file():
+        raise BenchmarkError(
+            f"benchmark {name}: it compares the likelihoods of candidates spoken as units, but {model_dir} is a "
+            f"method=features checkpoint ({METHOD_MANIFEST}): it reads audio through its projector and has no "
+            "speech tokens to score; evaluate it by ASR (scripts/generate.py, scripts/evaluate_run.py)"
+        )
     try:
         checkpointer = SpeechCheckpointer(model_dir, progress=bool(cfg.progress))
     except CheckpointError as err:

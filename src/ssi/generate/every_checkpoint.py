@@ -32,6 +32,7 @@ from ssi.eval.pipeline import EXIT_OUTPUT_EXISTS, evaluation_target
 from ssi.files import atomic_write_text
 from ssi.generate import GenerationError
 from ssi.generate.pipeline import generation_target
+from ssi.hf_dir import METHOD_MANIFEST
 from ssi.overrides import composition_problem
 
 LAUNCHERS = ("local", "slurm", "print")
@@ -123,6 +124,11 @@ def plan(cfg: DictConfig, routed: dict[str, list[str]], conf_dir: Path) -> list[
                 target = generation_target(composed)
                 final = run_dir.WER_FILE if composed.score else run_dir.GENERATIONS_FILE
                 tasks.append(Task(ckpt, "generate", split, target.output_dir / final, overrides))
+            if benchmarks and (ckpt.path / METHOD_MANIFEST).is_file():
+                raise GenerationError(
+                    f"benchmarks={benchmarks}: {ckpt.path} is a method=features checkpoint, which reads audio and "
+                    "has no speech units whose candidate likelihoods they compare; give test_sets only"
+                )
             for benchmark in benchmarks:
                 overrides = (model, f"benchmark={Path(benchmark).resolve()}", *routed["evaluate"])
                 target = evaluation_target(_compose("evaluate", overrides, conf_dir))

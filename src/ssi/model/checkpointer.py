@@ -205,8 +205,8 @@ class SpeechCheckpointer:
         self.config = read_config(self.checkpoint_dir)
         self.architecture = LlamaArchitecture.from_config(self.config, source=str(self.checkpoint_dir / "config.json"))
         missing = missing_files(self.checkpoint_dir)
-        has_manifest = MANIFEST_NAME not in missing
-        if not extended and not has_manifest:
+        has_manifest = (self.checkpoint_dir / MANIFEST_NAME).is_file()
+        if not extended and not has_manifest and MANIFEST_NAME in missing:
             missing.remove(MANIFEST_NAME)
         if missing:
             hint = (

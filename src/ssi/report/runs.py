@@ -84,8 +84,17 @@ def names_setting(key: str, names: Sequence[str]) -> bool:
     return any(key == name or (name.endswith(".") and key.startswith(name)) for name in names)
 
 
+# ... and settings a method never reads (a units run shows no speech encoder); runs from before the features
+# method have no `method` key: they are units runs.
+UNREAD_BY_METHOD = {"units": ("speech_encoder.", "projector.")}
+
+
 def _read_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    unread = UNREAD_BY_TRAINABLE.get(str(settings.get("trainable", "full")), ())
+    settings = {"method": "units", **settings}
+    unread = (
+        *UNREAD_BY_TRAINABLE.get(str(settings.get("trainable", "full")), ()),
+        *UNREAD_BY_METHOD.get(str(settings["method"]), ()),
+    )
     return {k: v for k, v in settings.items() if not names_setting(k, unread)}
 
 

@@ -199,10 +199,11 @@ class SpeechTrainingRecipe:
         if resume_from is not None:
             self._load_training_state(resume_from)
         if self.env.is_main:
-            self._write_run_config()
             self.metric_loggers = loggers.build_loggers(cfg.metric_logger, self.output_dir)
             for logger in self.metric_loggers:
                 logger.log_config(cfg)
+            # after the loggers: torchtune's DiskLogger.log_config saves the unresolved config to the same file
+            self._write_run_config()
         self.stop.install()
 
     def _initial_weights(self, resume_from: Path | None) -> dict[str, torch.Tensor]:

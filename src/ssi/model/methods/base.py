@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ssi.hf_dir import METHOD_MANIFEST
+
 METHODS = ("units", "features")
-METHOD_FILE = "speech_method.json"  # in every checkpoint of a run whose method writes files of its own
+METHOD_FILE = METHOD_MANIFEST  # in every checkpoint of a run whose method writes files of its own
 
 
 class MethodError(ValueError):
