@@ -25,9 +25,9 @@ def test_demo_pipeline_learns(tmp_path) -> None:
         "--cpt_steps",
         "100",
         "--sft_steps",
-        "700",
+        "500",
         "--n_train",
-        "1500",
+        "1000",
         "--n_test",
         "60",
         "--backend",  # generate.py's vLLM path has its own tests; torch gives the same greedy tokens

@@ -29,7 +29,7 @@ from ssi.report.synthetic import run_config, write_run
 from ssi.run_dir import read_metrics as metrics
 from ssi.train.recipe import RecipeError, SpeechTrainingRecipe
 from ssi.train.sampler import SecondsBatchSampler
-from ssi.vocab.tiktoken import AUDIO_SLOT, load_base_tokenizer
+from ssi.vocab.tiktoken import AUDIO_SLOT, load_base_tokenizer, load_tokenizer
 
 from .test_train_recipe import make_cfg, recipe_cmd, run
 
@@ -259,3 +259,20 @@ def test_inspect_data_shows_the_audio_span_and_its_frames(tiny_base_dir, parts) 
     assert f"<audio: {-(-frames // 5)} positions = {frames} frames / 5, {seconds:.2f} s>" in text
     assert "Transcribe speech to text." in text and first["transcript"] in text
     assert "statistics over the first 8 of 128 utterances" in text
+
+
+def test_one_paired_preset_serves_a_units_and_a_features_cell(tiny_extended_dir, synthetic_corpus_dir, parts):
+    """`-m method=units,features data=sft/paired_folder`: each cell reads its own half of the corpus."""
+    common = ["data=sft/paired_folder", f"data.units_source={synthetic_corpus_dir}", f"model={tiny_extended_dir}",
+              f"data.audio_source={parts['corpus']}", f"speech_encoder.model={parts['hubert']}", "output_dir=/unused",
+              "size=tiny", "+encoder@data.encoder=synthetic"]  # the synthetic units have no encoding.json  # fmt: skip
+    units, features = (make_cfg("sft", [f"method={m}", *common]) for m in ("units", "features"))
+    SpeechTrainingRecipe(units, "sft")  # the method and the preset agree
+    SpeechTrainingRecipe(features, "sft")
+    tokenizer = load_tokenizer(tiny_extended_dir)
+    built_units = build_dataset(units.data, "train", tokenizer)
+    method = FeaturesMethod(FeatureSettings(str(parts["hubert"])), llm_dim=64)
+    built_audio = build_dataset(features.data, "train", tokenizer, audio_slots=method.audio_slots)
+    assert len(built_units.dataset) == 64 and len(built_audio.dataset) == 128
+    assert units.data.sequence.modality_tokens and not features.data.sequence.modality_tokens
+    assert units.data.train.dataloader.batch_seconds is None and features.data.train.dataloader.batch_seconds == 200

@@ -55,3 +55,15 @@ def model_dir_setting(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(checkpointer, "checkpoint_dir"):
         return
     cfg.model = checkpointer.checkpoint_dir
+
+
+def per_method(method: str, units: Any, features: Any) -> Any:
+    """`${ssi.per_method:${method},<units value>,<features value>}`: a preset value that follows the run's
+    method, so one preset serves a `-m method=units,features` sweep (conf/data/sft/paired_folder.yaml)."""
+    if method not in ("units", "features"):
+        raise ValueError(f"ssi.per_method: method must be units or features, got {method!r}")
+    return units if method == "units" else features
+
+
+if not OmegaConf.has_resolver("ssi.per_method"):
+    OmegaConf.register_new_resolver("ssi.per_method", per_method)

@@ -111,7 +111,8 @@ def section_source(cfg: Mapping[str, Any], section: str) -> SectionSource:
 
 
 def columns_from_config(cfg: Mapping[str, Any]) -> ColumnNames:
-    return ColumnNames(**{k: str(v) for k, v in config_value(cfg, "columns").items()})
+    """The units columns (`audio` names the audio column of a preset shared with the features method)."""
+    return ColumnNames(**{k: str(v) for k, v in config_value(cfg, "columns").items() if k != "audio"})
 
 
 def needs_alignments(options: CPTOptions) -> bool:
