@@ -20,10 +20,11 @@ from ssi.config import to_container
 from ssi.data.audio_inspection import audio_inspection_report
 from ssi.data.config import build_dataset
 from ssi.data.sources import DataValidationError
-from ssi.encode.fixtures import write_spoken_corpus, write_tiny_hubert
+from ssi.encode.fixtures import write_spoken_corpus, write_tiny_hubert, write_tiny_whisper
 from ssi.generate.pipeline import main as generate_main
 from ssi.generate.pipeline import run_generation
 from ssi.model.methods.features import FeatureSettings, FeaturesMethod
+from ssi.model.speech_encoder import SpeechEncoder
 from ssi.report.cli import main as report_main
 from ssi.report.synthetic import run_config, write_run
 from ssi.run_dir import read_metrics as metrics
@@ -276,3 +277,35 @@ def test_one_paired_preset_serves_a_units_and_a_features_cell(tiny_extended_dir,
     assert len(built_units.dataset) == 64 and len(built_audio.dataset) == 128
     assert units.data.sequence.modality_tokens and not features.data.sequence.modality_tokens
     assert units.data.train.dataloader.batch_seconds is None and features.data.train.dataloader.batch_seconds == 200
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["trainable=lora", "lora.rank=2"],
+        ["trainable=projector", "speech_encoder.trainable=true"],
+        ["trainable=projector", "whisper"],
+    ],
+    ids=["lora", "trained-encoder", "whisper"],
+)
+def test_lora_a_trained_encoder_and_whisper_train_and_generate(tiny_base_dir, parts, tmp_path, variant) -> None:
+    extra = [v for v in variant if v != "whisper"]
+    if "whisper" in variant:
+        extra += [f"speech_encoder.model={write_tiny_whisper(tmp_path / 'whisper')}", "speech_encoder.layer=-1"]
+    args = features_args(tiny_base_dir, parts, tmp_path / "run", "max_steps=2", "save_steps=2", *extra)
+    _, code, _ = run("sft", args)
+    assert code == 0
+    ckpt = checkpoint(tmp_path / "run", 2)
+    files = {p.name for p in ckpt.iterdir()}
+    assert {"speech_projector.safetensors", "speech_method.json", "model.safetensors"} <= files
+    assert ("adapter" in files) == ("trainable=lora" in variant)
+    assert ("speech_encoder.safetensors" in files) == ("speech_encoder.trainable=true" in variant)
+    if "speech_encoder.trainable=true" in variant:  # the encoder trained, and generation reads the trained one
+        trained = load_file(ckpt / "speech_encoder.safetensors")
+        start = SpeechEncoder(parts["hubert"], layer=2).state_dict()
+        assert trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in trained)
+    if "trainable=lora" in variant:
+        config = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
+        assert not config.get("trainable_token_indices")  # no unit rows with features
+    record = generate(ckpt, "backend=torch", "sampling_params.max_tokens=8")
+    assert record["n_prompts"] == 16 and record["method"] == "features"

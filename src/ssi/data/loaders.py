@@ -33,21 +33,10 @@ def padded_collate(
 ) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
     """Padded batches; `audio` examples, or any batch of a model without a speech vocabulary (the features
     method's base LLM), are collated with their audio and its slots counted."""
+    common = {"pad_id": tokenizer.pad_id, "pad_to_multiple_of": pad_to_multiple_of, "max_length": max_length}
     if audio or tokenizer.vocab is None:
-        return partial(
-            collate_audio,
-            pad_id=tokenizer.pad_id,
-            n_bpe=tokenizer.base_vocab_size,
-            pad_to_multiple_of=pad_to_multiple_of,
-            max_length=max_length,
-        )
-    return partial(
-        collate_padded,
-        pad_id=tokenizer.pad_id,
-        vocab=tokenizer.vocab,
-        pad_to_multiple_of=pad_to_multiple_of,
-        max_length=max_length,
-    )
+        return partial(collate_audio, n_bpe=tokenizer.base_vocab_size, **common)
+    return partial(collate_padded, vocab=tokenizer.vocab, **common)
 
 
 def build_dataloader(
