@@ -27,6 +27,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TIKTOKEN_FILE = "original/tokenizer.model"
 MANIFEST_NAME = "ssi.json"  # the speech-vocabulary manifest of an extended model (ssi.vocab.layout)
+INPUT_EMBEDDING = "model.embed_tokens.weight"  # the HF name of a Llama's input embedding matrix
 METHOD_MANIFEST = "speech_method.json"  # a features-method checkpoint's manifest (ssi.model.methods.features)
 # What a complete speech-extended model directory holds besides weights: transformers, vLLM and torchtune
 # each need some of these, and every checkpoint carries them all.
@@ -154,6 +155,18 @@ def weight_files(model_dir: Path) -> list[Path]:
     if (model_dir / SAFETENSORS_SINGLE).is_file():
         return [model_dir / SAFETENSORS_SINGLE]
     raise ModelDirError(f"{model_dir} has no weights: neither {SAFETENSORS_SINGLE} nor {SAFETENSORS_INDEX}")
+
+
+def read_tensor(model_dir: Path, name: str) -> Any:
+    """One tensor of a model directory (a torch tensor, in its file dtype), wherever its shards keep it."""
+    from safetensors import safe_open
+
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            names = f.keys()
+            if name in names:
+                return f.get_tensor(name)
+    raise ModelDirError(f"{model_dir}: no tensor {name} in its weight files")
 
 
 def read_rows_f32(path: Path, entry: TensorEntry, row_start: int, row_end: int, step: int = 1) -> np.ndarray:

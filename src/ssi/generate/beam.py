@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ssi.generate import GenerationError
 from ssi.generate.sampling import Completion, SamplingOptions, completion
-from ssi.model.engines import hidden_states
+from ssi.model.engines import embedded_prompts, hidden_states
 
 # vLLM's default `max_logprobs`: a step asks for 2 * width logprobs, so wider beams raise the engine's limit.
 VLLM_DEFAULT_MAX_LOGPROBS = 20
@@ -173,12 +173,22 @@ def beam_search_vllm(
     max_tokens: int,
     max_model_len: int,
     progress: bool = True,
+    prompt_embeds: Sequence[torch.Tensor] | None = None,
+    embedding_table: torch.Tensor | None = None,
 ) -> list[list[Beam]]:
     """The best beams of every prompt (best first), one vLLM `generate` call per step over all live beams of
     all prompts, each asking for one token with its `2 * width` logprobs (as `LLM.beam_search` does; those
-    requests read the prefix cache, so a beam's prompt is not recomputed)."""
+    requests read the prefix cache, so a beam's prompt is not recomputed). With `prompt_embeds` (the features
+    method) a beam is its prompt's embeddings followed by the `embedding_table` rows of what it generated."""
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm.inputs import EmbedsPrompt, TokensPrompt
+
+    def request(index: int, beam: Beam) -> Any:
+        if prompt_embeds is None:
+            return TokensPrompt(prompt_token_ids=beam.tokens)
+        assert embedding_table is not None, "prompt embeddings need the embedding table for generated tokens"
+        generated = embedding_table[beam.tokens[len(prompts[index]) :]].to(prompt_embeds[index].dtype)
+        return EmbedsPrompt(prompt_embeds=torch.cat([prompt_embeds[index], generated]))
 
     params = SamplingParams(
         max_tokens=1, temperature=0.0, logprobs=options.candidates_per_beam, detokenize=False, ignore_eos=True
@@ -187,12 +197,12 @@ def beam_search_vllm(
     instances = _instances(prompts, max_tokens, max_model_len)
     steps = max((i.budget for i in instances), default=0)
     for step in tqdm(range(steps), desc=f"beam search (vllm, width {options.width})", disable=not progress):
-        live = [i for i in instances if i.active(step)]
+        live = [(n, i) for n, i in enumerate(instances) if i.active(step)]
         if not live:
             break
-        requests = [TokensPrompt(prompt_token_ids=b.tokens) for i in live for b in i.beams]
+        requests = [request(n, b) for n, i in live for b in i.beams]
         outputs = iter(llm.generate(requests, params, use_tqdm=False))
-        for instance in live:
+        for _, instance in live:
             proposals = []
             for _ in instance.beams:
                 ranked = next(outputs).outputs[0].logprobs[0]
@@ -214,9 +224,11 @@ def beam_search_torch(
     device: torch.device,
     dtype: torch.dtype,
     progress: bool = True,
+    prompt_embeds: Sequence[torch.Tensor] | None = None,
 ) -> list[list[Beam]]:
     """The best beams of every prompt (best first), `batch_size` prompts at a time with `width` KV-cache rows
-    each; after every step each row takes over its parent beam's cache."""
+    each; after every step each row takes over its parent beam's cache. `prompt_embeds` replace the prompts'
+    token embeddings (the features method)."""
     if batch_size < 1:
         raise GenerationError(f"torch.batch_size must be >= 1, got {batch_size}")
     stops = frozenset(int(t) for t in stop_ids)
@@ -225,7 +237,8 @@ def beam_search_torch(
     with torch.inference_mode(), tqdm(total=len(prompts), desc="beam search (torch)", disable=not progress) as bar:
         for start in range(0, len(prompts), batch_size):
             chunk = _instances(prompts[start : start + batch_size], max_tokens, max_model_len)
-            _search_chunk(model, chunk, options, stops, pad_id, device, dtype)
+            embeds = None if prompt_embeds is None else prompt_embeds[start : start + batch_size]
+            _search_chunk(model, chunk, options, stops, pad_id, device, dtype, embeds)
             results.extend(i.best(options, stops) for i in chunk)
             bar.update(len(chunk))
     return results
@@ -239,6 +252,7 @@ def _search_chunk(
     pad_id: int,
     device: torch.device,
     dtype: torch.dtype,
+    embeds: Sequence[torch.Tensor] | None = None,
 ) -> None:
     """Rows b * width .. b * width + width - 1 hold prompt b's beams (left-padded, as in `torch_backend`);
     rows without a live beam copy a live row and their outputs are ignored."""
@@ -250,14 +264,16 @@ def _search_chunk(
     real = torch.zeros((n_rows, total), dtype=torch.bool, device=device)
     for b, instance in enumerate(instances):
         rows = slice(b * width, (b + 1) * width)
-        tokens[rows, longest - instance.prompt_len :] = torch.tensor(instance.beams[0].tokens, device=device)
+        prompt = [pad_id if t < 0 else t for t in instance.beams[0].tokens]  # audio slots: never looked up
+        tokens[rows, longest - instance.prompt_len :] = torch.tensor(prompt, device=device)
         real[rows, longest - instance.prompt_len :] = True
     lengths = torch.tensor([i.prompt_len for i in instances for _ in range(width)], device=device)
     columns = torch.arange(total, device=device)
     k = options.candidates_per_beam
     with local_kv_cache(model, batch_size=n_rows, device=device, dtype=dtype, decoder_max_seq_len=total):
         mask = get_causal_mask_from_padding_mask(real[:, :longest], target_seq_len=total)
-        h = hidden_states(model, tokens, mask, get_position_ids_from_padding_mask(real[:, :longest]))
+        prefill = None if embeds is None else embedded_prompts(model, tokens, embeds, width)
+        h = hidden_states(model, tokens, mask, get_position_ids_from_padding_mask(real[:, :longest]), prefill)
         top = torch.log_softmax(model.unembed(h[:, -1]).float(), dim=-1).topk(k, dim=-1)
         for step in range(steps):
             values, ids = top.values.tolist(), top.indices.tolist()

@@ -38,6 +38,7 @@ from ssi.generate.prompts import Prompt, build_prompts, dataset_name_from_source
 from ssi.generate.sampling import FINISH_LENGTH, FINISH_STOP, Completion, SamplingOptions
 from ssi.generate.torch_backend import generate_torch
 from ssi.generate.vllm_backend import generate_vllm
+from ssi.hf_dir import INPUT_EMBEDDING, read_tensor
 from ssi.model import methods
 from ssi.model.architecture import CheckpointError
 from ssi.model.checkpointer import SpeechCheckpointer
@@ -82,6 +83,8 @@ def _run_vllm(
                 max_tokens=sampling.max_tokens,
                 max_model_len=max_model_len,
                 progress=progress,
+                prompt_embeds=embeds,
+                embedding_table=None if embeds is None else read_tensor(checkpointer.checkpoint_dir, INPUT_EMBEDDING),
             )
             completions = best_completions(found, prompts, stop_ids)
         else:
@@ -124,7 +127,9 @@ def _run_torch(
     }
     t0 = time.perf_counter()
     if beam.enabled:
-        found = beam_search_torch(model, prompts, options=beam, max_tokens=sampling.max_tokens, **common)
+        found = beam_search_torch(
+            model, prompts, options=beam, max_tokens=sampling.max_tokens, prompt_embeds=embeds, **common
+        )
         completions = best_completions(found, prompts, stop_ids)
     else:
         completions = generate_torch(model, prompts, sampling=sampling, prompt_embeds=embeds, **common)
@@ -224,9 +229,6 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
         checkpointer = SpeechCheckpointer(model_dir, progress=progress, extended=methods.needs_extension(method.name))
     except (CheckpointError, methods.MethodError) as err:
         raise GenerationError(str(err)) from None
-    if beam.enabled and method.name != "units":
-        raise GenerationError(f"beam_search.width > 1: beam search reads token-id prompts; method={method.name} "
-                              "checkpoints generate with sampling (greedy by default)")  # fmt: skip
     tokenizer = model_tokenizer(model_dir, checkpointer.vocab)
     prompts = build_prompts(data, section, split_name, tokenizer, progress, method.audio_slots)
     longest = max(len(p.token_ids) for p in prompts)

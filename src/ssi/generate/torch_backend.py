@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ssi.generate import GenerationError
 from ssi.generate.sampling import Completion, SamplingOptions, completion
-from ssi.model.engines import hidden_states
+from ssi.model.engines import embedded_prompts, hidden_states
 
 
 def _last_logits(
@@ -91,11 +91,7 @@ def _generate_batch(
     columns = torch.arange(total, device=device)
     with local_kv_cache(model, batch_size=batch, device=device, dtype=dtype, decoder_max_seq_len=total):
         mask = get_causal_mask_from_padding_mask(real[:, :width], target_seq_len=total)
-        prefill = None
-        if embeds is not None:
-            prefill = model.tok_embeddings(tokens)
-            for row, rows in enumerate(embeds):
-                prefill[row, width - rows.shape[0] :] = rows.to(device, prefill.dtype)
+        prefill = None if embeds is None else embedded_prompts(model, tokens, embeds)
         logits = _last_logits(model, tokens, mask, get_position_ids_from_padding_mask(real[:, :width]), prefill)
         for step in range(max(budgets)):
             chosen = next_tokens(logits, seen, sampling, generators)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,18 @@ def torch_engine(
     dtype = resolve_dtype(str(settings["dtype"]), checkpointer, "torch.dtype")
     model = load_torch_model(checkpointer, max_model_len, device, dtype)
     return model, device, dtype, {**settings, "resolved_device": str(device), "resolved_dtype": short_name(dtype)}
+
+
+def embedded_prompts(
+    model: TransformerDecoder, tokens: torch.Tensor, embeds: Sequence[torch.Tensor], rows_per_prompt: int = 1
+) -> torch.Tensor:
+    """The input embeddings of left-padded prompt rows `tokens` [rows, width] whose real positions are given
+    as embeddings (prompt p fills rows p * rows_per_prompt ... right-aligned): the features method's prompts."""
+    prefill = model.tok_embeddings(tokens)
+    width = tokens.shape[1]
+    for p, rows in enumerate(embeds):
+        prefill[p * rows_per_prompt : (p + 1) * rows_per_prompt, width - rows.shape[0] :] = rows.to(prefill)
+    return prefill
 
 
 def hidden_states(

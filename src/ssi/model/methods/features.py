@@ -26,14 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from ssi.data.audio_sft import AudioSlots
 from ssi.files import file_sha256, read_json, write_json
-from ssi.hf_dir import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, read_safetensors_header, weight_files
+from ssi.hf_dir import INPUT_EMBEDDING, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, read_safetensors_header, read_tensor
 from ssi.locations import hub_failure_message, looks_local, missing_path_message
 from ssi.model.methods.base import METHOD_FILE, MethodError, SpeechMethod
 from ssi.model.projector import FrameStackProjector
@@ -46,7 +45,6 @@ PROJECTOR, ENCODER = "speech_projector", "speech_encoder"  # the modules' names 
 PROJECTOR_FILE = "speech_projector.safetensors"
 ENCODER_FILE = "speech_encoder.safetensors"  # only when the encoder was trained
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-EMBEDDING = "model.embed_tokens.weight"
 _ENCODE_BATCH = 16  # utterances per encoder call when building generation prompts
 
 
@@ -310,7 +308,7 @@ class FeaturesMethod(SpeechMethod):
         """(prompt length, llm_dim) input embeddings per prompt, on the CPU in the checkpoint's dtype: rows of
         its input embedding matrix for the tokens, projected features (computed on `device`) in the audio slots."""
         assert self.projector is not None
-        table = input_embeddings(model_dir)
+        table = read_tensor(model_dir, INPUT_EMBEDDING)
         waves = list(audio)
         self.projector.to(device)
         out = []
@@ -323,16 +321,6 @@ class FeaturesMethod(SpeechMethod):
                 embeds[slots] = features.to(table.device, table.dtype)
                 out.append(embeds)
         return out
-
-
-def input_embeddings(model_dir: Path) -> torch.Tensor:
-    """The LLM's input embedding matrix (HF `model.embed_tokens.weight`) from its safetensors files."""
-    for path in weight_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
-            names = f.keys()
-            if EMBEDDING in names:
-                return f.get_tensor(EMBEDDING)
-    raise MethodError(f"{model_dir}: no {EMBEDDING} in its weight files")
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
