@@ -31,31 +31,13 @@ import torch
 from ssi.encode.audio import decode_audio
 from ssi.encode.batching import plan_batches
 from ssi.encode.encoders import KMeansEncoder, build_encoder
-from ssi.encode.fixtures import Clip, write_audiofolder
+from ssi.encode.fixtures import Clip, write_audiofolder, write_hubert_like
 from ssi.encode.output import EncodedOutput, output_schema
 from ssi.encode.pipeline import encode_rows
 from ssi.encode.settings import BatchSettings, RunSettings
 from ssi.encode.sources import AudioColumns, AudioSourceSpec, load_audio_source
 
 K = 500
-
-
-def small_hubert(path: Path, hidden: int, layers: int) -> Path:
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
-
-    torch.manual_seed(0)
-    config = HubertConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64),
-        intermediate_size=4 * hidden,
-        do_stable_layer_norm=True,
-        feat_extract_norm="layer",
-        conv_bias=True,
-    )
-    HubertModel(config).eval().save_pretrained(path)
-    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(path)
-    return path
 
 
 def clips(n: int) -> list[Clip]:
@@ -101,7 +83,7 @@ def main() -> None:
     device = torch.device(args.device)
     root = Path(tempfile.mkdtemp(prefix="bench_encode_"))
     try:
-        model = small_hubert(root / "hubert", args.hidden, args.layers)
+        model = write_hubert_like(root / "hubert", hidden_size=args.hidden, layers=args.layers)
         np.save(root / "km.npy", np.random.default_rng(0).standard_normal((K, args.hidden)).astype(np.float32))
         folder = write_audiofolder(root / "audio", clips(args.n))
         encoder = build_encoder(

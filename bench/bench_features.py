@@ -31,9 +31,13 @@ projector output) as `recipes/sft.py method=features` and `scripts/generate.py`.
    seldom stop early, so both sides generate about `--max-tokens` tokens per prompt (tokens/s is printed).
 
 Without a GPU these are CPU figures (fp32: CPUs without bf16 units are far slower in bf16; vLLM's CPU
-build, with VLLM_CPU_KVCACHE_SPACE=1 GiB unless set). With `--device cuda` the defaults become the real
-shapes (HuBERT-large, Llama-3.2-1B with its 128,256-token vocabulary), bf16 (autocast over fp32 weights in
-training, the recipe's mixed precision), 15 s utterances.
+build, with VLLM_CPU_KVCACHE_SPACE=1 GiB unless set) on `--threads 1` by default, for torch and for the vLLM
+engine alike (VLLM_CPU_OMP_THREADS_BIND): vLLM-CPU's own binding keeps a core for its front end (one compute
+core of two here) and, on a shared machine, two OpenMP threads on two cores stall on each other (a tiny
+op then costs tens of ms). The prompt-embedding stage includes reading the embedding table from the
+checkpoint's files, as `prompt_embeddings` does on every call. With `--device cuda` the defaults become the
+real shapes (HuBERT-large, Llama-3.2-1B with its 128,256-token vocabulary), bf16 (autocast over fp32 weights
+in training, the recipe's mixed precision), 15 s utterances; the CUDA `vllm` build is needed for vLLM there.
 """
 
 from __future__ import annotations
@@ -48,7 +52,6 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +59,13 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from timing import best_of  # bench/timing.py (this folder is on sys.path when run as a script)
 from torchtune import training
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from ssi.data.collate import collate_audio
 from ssi.data.config import build_dataset
-from ssi.encode.fixtures import Clip, write_audiofolder, write_tiny_hubert
+from ssi.encode.fixtures import Clip, write_audiofolder, write_hubert_like, write_tiny_hubert
 from ssi.generate.prompts import Prompt, build_prompts
 from ssi.generate.sampling import Completion, SamplingOptions
 from ssi.model import methods
@@ -97,24 +101,7 @@ def write_encoder(path: Path, preset: str, hidden: int | None, layers: int | Non
     front end and an attention mask, so batches run padded. `hidden`/`layers` override the preset's."""
     if preset == "tiny":
         return write_tiny_hubert(path, hidden_size=hidden or 64, layers=layers or 4)
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
-
-    hidden, layers = hidden or 1024, layers or 24
-    torch.manual_seed(0)
-    config = HubertConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64),
-        intermediate_size=4 * hidden,
-        do_stable_layer_norm=True,
-        feat_extract_norm="layer",
-        conv_bias=True,
-    )
-    HubertModel(config).eval().save_pretrained(path)
-    Wav2Vec2FeatureExtractor(
-        sampling_rate=SAMPLING_RATE, do_normalize=True, return_attention_mask=True, padding_value=0.0
-    ).save_pretrained(path)
-    return Path(path)
+    return write_hubert_like(path, hidden_size=hidden or 1024, layers=layers or 24)
 
 
 def llm_shape(preset: str, hidden: int | None, layers: int | None) -> tuple[LlamaShape, int | None]:
@@ -180,16 +167,6 @@ class Stopwatch:
     def take(self) -> dict[str, float]:
         spans, self.spans = dict(self.spans), defaultdict(float)
         return spans
-
-
-def best_of(repeats: int, work: Callable[[], list[Completion]]) -> tuple[float, list[Completion]]:
-    """The shortest of `repeats` timings (other load only ever adds time) and the last outputs."""
-    best, outputs = float("inf"), []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        outputs = work()
-        best = min(best, time.perf_counter() - t0)
-    return best, outputs
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -293,8 +270,6 @@ def training_split(args: argparse.Namespace, parts: dict[str, Path], device: tor
         "of the median step"
     )
     print()
-    del model, optimizer, outputs, loss
-    free_memory(device)
 
 
 # --- 2. generation -----------------------------------------------------------------------------------------
@@ -511,7 +486,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--torch-batch", type=int, default=16, help="prompts per batch of the torch backend")
     parser.add_argument("--repeats", type=int, default=2, help="timed generation runs per backend; the fastest counts")
     parser.add_argument("--threads", type=int, default=None, help="CPU compute threads of torch and vLLM (cpu: 1)")
-    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder, removed at the end")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="working folder, emptied first and removed at the end (default: a temporary one)",
+    )
     args = parser.parse_args()
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
@@ -555,6 +535,7 @@ def main() -> None:
         )
         if "train" in args.parts:
             training_split(args, parts, device)
+            free_memory(device)  # the decoder, its optimizer and the encoder go with the function's frame
         if "generate" in args.parts:
             generation(args, parts, device)
     finally:

@@ -20,11 +20,11 @@ import gc
 import logging
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from timing import best_of  # bench/timing.py (this folder is on sys.path when run as a script)
 
 from ssi.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from ssi.devices import resolve_device
@@ -40,16 +40,6 @@ from ssi.vocab.tiktoken import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 N_DSUS = 300
-
-
-def best_of(repeats: int, work: Callable[[], list[Completion]]) -> tuple[float, list[Completion]]:
-    """Shortest of `repeats` timings (background load on a shared machine only ever adds time), with the outputs."""
-    best, outputs = float("inf"), []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        outputs = work()
-        best = min(best, time.perf_counter() - t0)
-    return best, outputs
 
 
 def bench_torch(

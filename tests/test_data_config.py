@@ -58,7 +58,8 @@ AUDIO_PRESETS = {  # the features method's presets (data.input=audio): source, c
 def test_every_preset_exists_for_cpt_and_sft() -> None:
     assert set(PRESETS) == set(FRAME_RATES)
     sft = sorted(p.stem for p in (CONF / "data" / "sft").glob("*.yaml"))
-    assert sft == sorted(PRESETS + TEST_SET_PRESETS + GENERIC + list(AUDIO_PRESETS))  # SFT alone has the ASR test sets
+    paired = ["paired_folder"]  # one corpus as units and as audio (test_features_method.py)
+    assert sft == sorted(PRESETS + TEST_SET_PRESETS + GENERIC + list(AUDIO_PRESETS) + paired)  # SFT alone: ASR
     cpt = sorted(p.stem for p in (CONF / "data" / "cpt").glob("*.yaml") if not p.stem.startswith("_"))
     assert cpt == sorted(PRESETS + GENERIC)
 

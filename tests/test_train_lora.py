@@ -224,7 +224,7 @@ def test_freeze_by_name_leaves_the_matched_weights_bit_identical(tiny_extended_d
     [
         (["trainable=lora", "lora.rank=0"], "lora.rank must be >= 1, got 0"),
         (["trainable=lora", "lora.modules=[q_proj,qkv]"], "lora.modules: ['qkv'] is not a choice of"),
-        (["trainable=adapters"], "trainable must be one of ['full', 'new_embeddings', 'lora'], got 'adapters'"),
+        (["trainable=adapters"], "trainable must be one of ['full', 'new_embeddings', 'lora', 'projector'], got"),
         (["freeze=[lm_head]"], "freeze: 'lm_head' matches no parameter (HF names, e.g. 'model.embed_tokens.weight')"),
         (["trainable=lora", "freeze=[norm]"], "freeze applies to trainable=full"),
         (["max_tokens=0"], "max_tokens must be > 0"),

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from ssi.data.audio_sft import AudioSFTDataset, AudioSFTExample, AudioSlots
+from ssi.data.audio_sft import AudioSFTDataset, AudioSFTExample
 from ssi.data.config import build_dataset, section_source
+from ssi.model.speech_encoder import AudioSlots
 from ssi.vocab.tiktoken import AUDIO_SLOT, SpeechLlama3Tokenizer
 
 

@@ -13,8 +13,7 @@ durations batch the split by seconds (ssi.train.sampler.SecondsBatchSampler).
 from __future__ import annotations
 
 import io
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +27,7 @@ from ssi.data.sft import SFTOptions
 from ssi.data.sources import DataValidationError
 from ssi.encode.audio import AudioError, AudioRef, decode_audio
 from ssi.encode.sources import AudioColumns, AudioSource
+from ssi.model.speech_encoder import AudioSlots
 from ssi.vocab.tiktoken import AUDIO_SLOT, SpeechLlama3Tokenizer
 
 
@@ -53,19 +53,6 @@ def read_durations(source: AudioSource, rows: Sequence[int], progress: bool = Fa
                 raise DataValidationError(f"{source.name}: sample {row.id!r}: {row.audio.describe()} is empty")
             durations.append(seconds)
     return durations
-
-
-@dataclass(frozen=True)
-class AudioSlots:
-    """How many prompt positions an utterance of n samples (at `sampling_rate`) takes: one per projector
-    output of its encoder frames (`frames`: ssi.model.speech_encoder.FrameCount). Picklable, for workers."""
-
-    frames: Callable[[int], int]
-    downsample: int
-    sampling_rate: int
-
-    def __call__(self, n_samples: int) -> int:
-        return math.ceil(self.frames(n_samples) / self.downsample)
 
 
 class AudioSFTDataset(torch.utils.data.Dataset):

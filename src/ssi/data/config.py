@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ssi.data.audio_sft import AudioSFTDataset, AudioSlots, audio_columns, read_durations
+from ssi.data.audio_sft import AudioSFTDataset, audio_columns, read_durations
 from ssi.data.cpt import CPTDataset, CPTOptions, SpanSampler
 from ssi.data.encoded import MANIFEST_NAME, folder_encoder
 from ssi.data.holdout import HoldOut
@@ -32,6 +32,7 @@ from ssi.data.sources import (
 )
 from ssi.encode import EncodeError
 from ssi.encode.sources import AudioSourceSpec, load_audio_source
+from ssi.model.speech_encoder import AudioSlots
 from ssi.vocab.tiktoken import SpeechLlama3Tokenizer
 
 LOGGER = logging.getLogger(__name__)

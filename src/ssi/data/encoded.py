@@ -1,6 +1,7 @@
 """A folder written by scripts/encode_audio.py, as the data layer reads it: its `encoding.json` records the
 encoder that made the units (docs/encoding.md, "Outputs"), which is the truth about their count and frame
-rate. The encode package writes the manifest; this module owns its name and reads its encoder section."""
+rate. The encode package writes the manifest and owns its name (ssi.encode.output); this module reads its
+encoder section."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import json
 from pathlib import Path
 
 from ssi.data.sources import DataValidationError, Encoder
-
-MANIFEST_NAME = "encoding.json"
+from ssi.encode.output import MANIFEST_NAME
 
 
 def folder_encoder(source: str) -> Encoder | None:

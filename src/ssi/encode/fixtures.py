@@ -49,6 +49,29 @@ def write_tiny_hubert(
     return Path(path)
 
 
+def write_hubert_like(path: Path, *, hidden_size: int = 1024, layers: int = 24, seed: int = 0) -> Path:
+    """A HuBERT directory with HuBERT Large's geometry (7 convolutions of 512 channels, 64-dim heads, FFN 4x
+    hidden, layer norm and an attention mask) at any width and depth: the front-end cost of the real model,
+    for benchmarks."""
+    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+
+    torch.manual_seed(seed)
+    config = HubertConfig(
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden_size // 64),
+        intermediate_size=4 * hidden_size,
+        do_stable_layer_norm=True,
+        feat_extract_norm="layer",
+        conv_bias=True,
+    )
+    HubertModel(config).eval().save_pretrained(path)
+    Wav2Vec2FeatureExtractor(
+        sampling_rate=16000, do_normalize=True, return_attention_mask=True, padding_value=0.0
+    ).save_pretrained(path)
+    return Path(path)
+
+
 def write_tiny_whisper(path: Path, *, d_model: int = 32, layers: int = 2, seed: int = 0) -> Path:
     """A Whisper directory with a tiny random encoder (and decoder) and the real 80-mel, 30 s front end."""
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel

@@ -35,12 +35,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ssi.data.encoded import MANIFEST_NAME
 from ssi.encode import EncodeError
 from ssi.encode.encoders import LOCATION_FIELDS
 from ssi.files import atomic_write_json
 
 LOGGER = logging.getLogger(__name__)
+MANIFEST_NAME = "encoding.json"  # an encoded folder's manifest (docs/encoding.md, "Outputs"); ssi.data reads it
 MANIFEST_FORMAT = "ssi-encoding/1"
 DATA_DIR = "data"
 PARTIAL_DIR = ".partial"

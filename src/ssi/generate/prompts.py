@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ssi.config import to_container
-from ssi.data.audio_sft import AudioSlots
 from ssi.data.config import SPLITS, build_dataset, section_source
 from ssi.generate import GenerationError
+from ssi.model.speech_encoder import AudioSlots
 from ssi.run_dir import CONFIG_FILE, CheckpointLocation
 from ssi.vocab.tiktoken import SpeechLlama3Tokenizer
 

@@ -18,7 +18,7 @@ transformers audio encoder directory works: the HuBERT family (`hubert`, `wav2ve
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,19 @@ class FrameCount:
         for kernel, stride in zip(self.kernels, self.strides, strict=True):
             length = max((length - kernel) // stride + 1, 0)
         return length
+
+
+@dataclass(frozen=True)
+class AudioSlots:
+    """How many prompt positions an utterance of n samples (at `sampling_rate`) takes: one per projector
+    output of its encoder frames (`frames`: a FrameCount). Picklable, for workers."""
+
+    frames: Callable[[int], int]
+    downsample: int
+    sampling_rate: int
+
+    def __call__(self, n_samples: int) -> int:
+        return math.ceil(self.frames(n_samples) / self.downsample)
 
 
 class SpeechEncoder(nn.Module):

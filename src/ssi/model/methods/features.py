@@ -30,13 +30,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from ssi.data.audio_sft import AudioSlots
 from ssi.files import file_sha256, read_json, write_json
 from ssi.hf_dir import INPUT_EMBEDDING, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, read_safetensors_header, read_tensor
 from ssi.locations import hub_failure_message, looks_local, missing_path_message
 from ssi.model.methods.base import METHOD_FILE, MethodError, SpeechMethod
 from ssi.model.projector import FrameStackProjector
-from ssi.model.speech_encoder import SpeechEncoder, SpeechEncoderError
+from ssi.model.speech_encoder import AudioSlots, SpeechEncoder, SpeechEncoderError
 from ssi.vocab.tiktoken import AUDIO_SLOT
 
 log = logging.getLogger(__name__)
