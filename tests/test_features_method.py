@@ -311,3 +311,19 @@ def test_lora_a_trained_encoder_and_whisper_train_and_generate(tiny_base_dir, pa
         assert not config.get("trainable_token_indices")  # no unit rows with features
     record = generate(ckpt, "backend=torch", "sampling_params.max_tokens=8")
     assert record["n_prompts"] == 16 and record["method"] == "features"
+
+
+def test_a_second_stage_continues_the_first_stages_projector(tiny_base_dir, parts, tmp_path) -> None:
+    """projector-only, then LoRA from `model=<first run>`: the projector carries over; another layer is refused."""
+    first = tmp_path / "projector"
+    run("sft", features_args(tiny_base_dir, parts, first, "trainable=projector", "max_steps=2", "save_steps=2"))
+    end_of_first = load_file(checkpoint(first, 2) / "speech_projector.safetensors")
+    second = features_args(first, parts, tmp_path / "lora", "trainable=lora", "lora.rank=2", "max_steps=1",
+                           "save_steps=1", "optimizer.lr=1e-12")  # fmt: skip
+    run("sft", second)
+    start_of_second = load_file(checkpoint(tmp_path / "lora", 1) / "speech_projector.safetensors")
+    for name, tensor in end_of_first.items():
+        torch.testing.assert_close(start_of_second[name], tensor, rtol=0, atol=1e-9)
+    with pytest.raises(RecipeError, match=r"was trained with speech_encoder.layer=2 .* this run has layer 1"):
+        bad = [*second[:-1], "speech_encoder.layer=1", f"output_dir={tmp_path / 'bad'}"]
+        SpeechTrainingRecipe(make_cfg("sft", bad), "sft").setup()

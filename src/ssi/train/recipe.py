@@ -218,7 +218,8 @@ class SpeechTrainingRecipe:
         try:
             if resume_from is not None and self.frozen_base:
                 weights |= state.load_kept_tensors(resume_from)
-            return self.method.model_state(weights, resume_from)
+            # the method's own tensors continue from the resumed checkpoint, or from the model a stage starts from
+            return self.method.model_state(weights, resume_from or Path(self.cfg.model))
         except (state.ResumeError, methods.MethodError) as err:
             raise RecipeError(str(err)) from None
 

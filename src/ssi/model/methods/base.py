@@ -44,7 +44,8 @@ class SpeechMethod:
         """Add this method's modules to the decoder (called under the decoder's build device and dtype)."""
 
     def model_state(self, weights: dict[str, torch.Tensor], checkpoint: Path | None) -> dict[str, torch.Tensor]:
-        """The decoder's weights plus this method's tensors: read from `checkpoint` when resuming, else initial."""
+        """The decoder's weights plus this method's tensors: those of `checkpoint` (the one resumed, or the
+        model a run starts from) when it has them, else start values."""
         return weights
 
     def is_trained(self, name: str) -> bool:

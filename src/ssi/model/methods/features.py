@@ -170,16 +170,37 @@ class FeaturesMethod(SpeechMethod):
         model.tok_embeddings.register_forward_hook(self._fill_slots)
 
     def model_state(self, weights: dict[str, torch.Tensor], checkpoint: Path | None) -> dict[str, torch.Tensor]:
+        """A checkpoint of this method (resumed, or `model=` of a later stage) gives its projector, and its
+        trained encoder if it has one, after checking they fit this run; anything else starts afresh."""
         s = self.settings
-        if checkpoint is not None:
-            projector = _read(checkpoint / PROJECTOR_FILE)
-        else:
+        saved = read_manifest(checkpoint) if checkpoint is not None else None
+        if saved is None:
             projector = initial_projector(self.encoder.dim, self.llm_dim, s.downsample, s.hidden, self.seed)
+        else:
+            assert checkpoint is not None
+            self._check_continues(saved, checkpoint)
+            projector = _read(checkpoint / PROJECTOR_FILE)
         state = weights | {f"{PROJECTOR}.{k}": v for k, v in projector.items()}
         if s.encoder_trainable:
-            encoder = _read(checkpoint / ENCODER_FILE) if checkpoint is not None else self.encoder.state_dict()
+            trained = checkpoint / ENCODER_FILE if saved is not None and checkpoint is not None else None
+            encoder = _read(trained) if trained is not None and trained.is_file() else self.encoder.state_dict()
             state |= {f"{ENCODER}.{k}": v for k, v in encoder.items()}
         return state
+
+    def _check_continues(self, saved: dict[str, Any], checkpoint: Path) -> None:
+        """Refuse to continue from a checkpoint made with another encoder or another projector shape."""
+        try:
+            check_encoder({**saved["speech_encoder"], "checkpoint": str(checkpoint)}, self.identity)
+            same_layer = saved["speech_encoder"]["layer"] == self.settings.layer
+            recorded = saved["projector"]
+        except (KeyError, TypeError) as err:
+            raise MethodError(f"{checkpoint / METHOD_FILE}: missing or malformed entry {err}") from None
+        wanted = self.manifest()["projector"]
+        if recorded != wanted or not same_layer:
+            raise MethodError(
+                f"{checkpoint} was trained with speech_encoder.layer={saved['speech_encoder']['layer']} and projector "
+                f"{recorded}; this run has layer {self.settings.layer} and {wanted}: set them as they were trained"
+            )
 
     def is_trained(self, name: str) -> bool:
         return name.startswith(f"{PROJECTOR}.") or (self.settings.encoder_trainable and name.startswith(f"{ENCODER}."))
