@@ -262,14 +262,16 @@ def _build_audio(
         source = load_audio_source(spec, audio_columns(columns))
     except EncodeError as err:
         raise DataValidationError(str(err)) from None
+    # as for units (load_source, then the hold-out): the first n_samples rows after the seeded shuffle, then
+    # the rows of a dev split held out of train by id
     rows = list(range(len(source)))
-    if where.holdout is not None:
-        held = where.holdout.held_ids(source.ids, source.name)
-        rows = [row for row in rows if (source.ids[row] in held) == where.held_out]
     if where.spec.shuffle_seed is not None:
         rows = [rows[i] for i in np.random.default_rng(int(where.spec.shuffle_seed)).permutation(len(rows))]
     if where.spec.n_samples is not None:
         rows = rows[: int(where.spec.n_samples)]
+    if where.holdout is not None:
+        kept = where.holdout.rows([source.ids[row] for row in rows], where.held_out, source.name)
+        rows = [rows[k] for k in kept]
     durations = read_durations(source, rows, progress=bool(cfg.get("progress", False)))
     dataset = AudioSFTDataset(source, rows, durations, tokenizer, sft_options_from_config(cfg), slots, inference)
     report = ValidationReport(source=source.name, n_rows=len(rows))

@@ -51,8 +51,12 @@ class HoldOut:
             )
         return set(distinct[:count])
 
+    def rows(self, ids: list[str], held_out: bool, source: str) -> list[int]:
+        """The positions of the held-out ids (`held_out`), or of the ids that remain for training."""
+        held = self.held_ids(ids, source)
+        return [row for row, i in enumerate(ids) if (i in held) == held_out]
+
     def select(self, ds: datasets.Dataset, id_column: str, held_out: bool, source: str) -> datasets.Dataset:
         """The held-out rows of `ds` (`held_out`), or the rows that remain for training."""
         ids = [str(i) for i in ds.with_format("arrow")[id_column].to_pylist()]
-        held = self.held_ids(ids, source)
-        return ds.select([row for row, i in enumerate(ids) if (i in held) == held_out])
+        return ds.select(self.rows(ids, held_out, source))

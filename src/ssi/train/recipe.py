@@ -51,6 +51,7 @@ from tqdm import tqdm
 from ssi import devices, loggers, report_error, run_dir, setup_cli_logging
 from ssi.config import MissingSettingError, check_complete, model_dir_setting, to_container
 from ssi.data import DataValidationError
+from ssi.data.audio_sft import AudioSFTDataset
 from ssi.data.collate import block_causal_mask
 from ssi.data.config import build_dataset, data_input
 from ssi.data.loaders import build_dataloader, set_loader_epoch, text_dataloader
@@ -66,7 +67,7 @@ from ssi.train import budget, distributed, state, sweep, trainable
 from ssi.train.loss import LinearCrossEntropyLoss
 from ssi.train.preemption import EXIT_PREEMPTED, StopSignals
 from ssi.train.sampler import GlobalBatchSampler, SecondsBatchSampler
-from ssi.train.throughput import Throughput
+from ssi.train.throughput import Throughput, real_positions
 from ssi.vocab.tiktoken import model_tokenizer
 
 log = logging.getLogger(__name__)
@@ -290,13 +291,14 @@ class SpeechTrainingRecipe:
         """Micro-batches of `batch_size` samples, or of at most `batch_seconds` of audio (audio presets)."""
         env, dataset = self.env, self.train_split.dataset
         common = {"rank": env.rank, "world_size": env.world_size, "shuffle": bool(loader_cfg.get("shuffle", True))}
+        by_seconds = loader_cfg.get("batch_seconds") is not None
+        if by_seconds and not isinstance(dataset, AudioSFTDataset):
+            raise RecipeError("data.train.dataloader.batch_seconds batches audio presets (data.input=audio)")
         try:
-            if loader_cfg.get("batch_seconds") is None:
+            if not by_seconds:
                 return GlobalBatchSampler(
                     len(dataset), int(loader_cfg.batch_size), self.grad_accum, seed=int(self.cfg.seed), **common
                 )
-            if not hasattr(dataset, "durations"):
-                raise RecipeError("data.train.dataloader.batch_seconds batches audio presets (data.input=audio)")
             return SecondsBatchSampler(
                 dataset.durations,
                 float(loader_cfg.batch_seconds),
@@ -306,8 +308,6 @@ class SpeechTrainingRecipe:
                 **common,
             )
         except ValueError as err:
-            if isinstance(err, RecipeError):
-                raise
             raise RecipeError(f"data: {err}") from None
 
     def _text_dev_loader(self, ranks: dict[str, Any]) -> DataLoader | None:
@@ -672,9 +672,7 @@ class SpeechTrainingRecipe:
         kinds = {kind: int(count) for kind, count in batch["token_counts"].items()}
         for kind, count in kinds.items():
             counts[kind] += count
-        counts["model_flops"] += self.throughput.batch_flops(
-            kinds["text"] + kinds["dsu"] + kinds["special"] + kinds.get("audio", 0), batch["tokens"].shape[1]
-        )
+        counts["model_flops"] += self.throughput.batch_flops(real_positions(kinds), batch["tokens"].shape[1])
 
     def _optimizer_step(self, window: dict[str, Any]) -> dict[str, Any]:
         """Normalise by the window's label tokens over all ranks, clip, step; returns step metrics."""
@@ -708,7 +706,7 @@ class SpeechTrainingRecipe:
         summed = torch.tensor([window["counts"][name] for name in names], dtype=torch.float64)
         counts = dict(zip(names, distributed.all_reduce(summed.to(self.device), self.env).cpu().tolist(), strict=True))
         self.consumed_samples += int(counts["samples"])
-        self.totals["tokens"] += int(counts["text"] + counts["dsu"] + counts["special"] + counts["audio"])
+        self.totals["tokens"] += int(real_positions(counts))
         metrics = self.throughput.metrics(counts, elapsed, self.env.world_size)
         return {**metrics, "consumed_samples": self.consumed_samples, "epoch": self.epoch}
 

@@ -15,6 +15,7 @@ The peak is the dense bf16 tensor-core figure of the device's data sheet (`PEAK_
 from __future__ import annotations
 
 import resource
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,11 @@ def training_flops_per_token(n_matmul_params: int, num_layers: int, embed_dim: i
     return 6.0 * n_matmul_params + 12.0 * num_layers * embed_dim * seq_len
 
 
+def real_positions(counts: Mapping[str, float]) -> float:
+    """The positions of a batch's counts that are not padding: text, DSU, special tokens and audio slots."""
+    return counts["text"] + counts["dsu"] + counts["special"] + counts.get("audio", 0)
+
+
 def peak_flops(device: torch.device, peak_tflops: float | None = None) -> float | None:
     """Peak FLOP/s of one device: `peak_tflops` when given, else the data-sheet bf16 figure of a known
     GPU; None when unknown (MFU is then not logged)."""
@@ -95,7 +101,7 @@ class Throughput:
 
     def metrics(self, counts: dict[str, float], elapsed: float, world_size: int) -> dict[str, float]:
         """tokens/s, samples/s, token counts by kind, model TFLOP/s per device, MFU and peak memory."""
-        real_tokens = counts["text"] + counts["dsu"] + counts["special"] + counts.get("audio", 0)
+        real_tokens = real_positions(counts)
         per_device_flops = counts["model_flops"] / elapsed / world_size
         metrics = {
             "tokens_per_second": real_tokens / elapsed,

@@ -16,7 +16,6 @@ A checkpoint whose encoder files changed since training is refused, naming the f
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,8 +36,6 @@ from ssi.model.methods.base import METHOD_FILE, MethodError, SpeechMethod
 from ssi.model.projector import FrameStackProjector
 from ssi.model.speech_encoder import AudioSlots, SpeechEncoder, SpeechEncoderError
 from ssi.vocab.tiktoken import AUDIO_SLOT
-
-log = logging.getLogger(__name__)
 
 PROJECTOR, ENCODER = "speech_projector", "speech_encoder"  # the modules' names on the decoder
 PROJECTOR_FILE = "speech_projector.safetensors"
@@ -238,7 +235,7 @@ class FeaturesMethod(SpeechMethod):
     def project(self, waves: Sequence[np.ndarray], device: torch.device) -> list[torch.Tensor]:
         """One (slots, llm_dim) tensor per waveform: encoder features at the layer, stacked and projected.
         A batch is padded with zero frames, which is what each utterance's own last group is padded with."""
-        assert self.projector is not None, "attach() or load_projector() first"
+        assert self.projector is not None, "attach() or from_checkpoint() first"
         self.encoder.to(device)
         trained = self.settings.encoder_trainable and torch.is_grad_enabled()
         low = self.compute_dtype != torch.float32
