@@ -13,6 +13,9 @@ transformers audio encoder directory works: the HuBERT family (`hubert`, `wav2ve
   at a time. Every output is trimmed to the utterance's own frames.
 - Whisper's encoder takes exactly 30 s: longer audio is cut into 30 s windows, each window's output is
   trimmed to its audio (50 frames per second), and the pieces are joined.
+- Layer drop is off (`layerdrop` / `encoder_layerdrop` set to 0 whatever the config says): a trained encoder
+  runs in train mode, where a dropped layer would skip the layer whose output is taken and, on several ranks,
+  give each rank another set of parameters with gradients (docs/features.md, "The speech encoder").
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import nn
 
 HUBERT_LIKE = ("hubert", "wav2vec2", "wavlm", "data2vec-audio")
 WHISPER = ("whisper",)
+LAYER_DROP_KEYS = ("layerdrop", "encoder_layerdrop")  # HuBERT family / Whisper's encoder
 
 
 class SpeechEncoderError(ValueError):
@@ -106,7 +110,11 @@ class SpeechEncoder(nn.Module):
             )
         self.feature_extractor = _load_feature_extractor(model_dir)
         self.sampling_rate = int(self.feature_extractor.sampling_rate)
-        model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
+        # the layer drop the config ships (0.1 for HuBERT, wav2vec 2.0, WavLM), switched off: see the docstring
+        self.layer_drop_off = {key: float(getattr(config, key)) for key in LAYER_DROP_KEYS if getattr(config, key, 0)}
+        for key in self.layer_drop_off:
+            setattr(config, key, 0.0)
+        model = AutoModel.from_pretrained(model_dir, config=config, dtype=torch.float32)
         encoder = model.get_encoder() if self.model_type in WHISPER else model
         layers = encoder.layers if self.model_type in WHISPER else encoder.encoder.layers
         n_layers = len(layers)
@@ -144,7 +152,8 @@ class SpeechEncoder(nn.Module):
         if self.layer == -1:
             return out.last_hidden_state
         hidden, self._captured = self._captured, None
-        assert hidden is not None, "the layer hook did not fire"
+        if hidden is None:  # only if a layer was skipped, which layer drop off rules out
+            raise RuntimeError(f"layer {self.layer} of the {self.model_type} encoder did not run")
         return hidden
 
     def forward(self, waves: Sequence[np.ndarray]) -> list[torch.Tensor]:

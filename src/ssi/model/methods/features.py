@@ -9,13 +9,16 @@ of the decoder, `speech_projector`) when they do. Generation builds the same emb
 checkpoint's embedding table (`prompt_embeddings`) and hands them to vLLM or the torch backend.
 
 Each checkpoint holds `speech_projector.safetensors` (fp32), `speech_encoder.safetensors` when the encoder
-was trained, and `speech_method.json`: the encoder (what `speech_encoder.model` named, the folder it was
-read from, the hub revision, the sha256 of every weight file), its layer, rates and the projector's shape.
-A checkpoint whose encoder files changed since training is refused, naming the file.
+was trained in this run or an earlier stage (a later stage keeps the encoder its start checkpoint used, frozen
+or trained on), and `speech_method.json`: the encoder (what `speech_encoder.model` named, the folder it was
+read from, the hub revision, the sha256 of every weight file), its layer, rates, the projector's shape and
+the compute dtype training ran the encoder and projector in (generation runs them in it too). A checkpoint
+whose encoder files changed since training is refused, naming the file.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
+from ssi.dtypes import DtypeError, parse_dtype, short_name
 from ssi.files import file_sha256, read_json, write_json
 from ssi.hf_dir import INPUT_EMBEDDING, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, read_safetensors_header, read_tensor
 from ssi.locations import hub_failure_message, looks_local, missing_path_message
@@ -39,9 +43,11 @@ from ssi.vocab.tiktoken import AUDIO_SLOT
 
 PROJECTOR, ENCODER = "speech_projector", "speech_encoder"  # the modules' names on the decoder
 PROJECTOR_FILE = "speech_projector.safetensors"
-ENCODER_FILE = "speech_encoder.safetensors"  # only when the encoder was trained
+ENCODER_FILE = "speech_encoder.safetensors"  # only when the encoder was trained (in this run or a start checkpoint)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _ENCODE_BATCH = 16  # utterances per encoder call when building generation prompts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,8 @@ class FeaturesMethod(SpeechMethod):
         self.encoder.requires_grad_(settings.encoder_trainable)
         self.encoder.train(settings.encoder_trainable)
         self.audio_slots = AudioSlots(self.encoder.n_frames, settings.downsample, self.encoder.sampling_rate)
+        # the encoder's weights are not the source folder's: trained here or in the checkpoint a stage starts from
+        self.carries_encoder = settings.encoder_trainable
         self.projector: FrameStackProjector | None = None
         self._waves: Sequence[np.ndarray] | None = None
         self._slot_mask: torch.Tensor | None = None
@@ -162,13 +170,18 @@ class FeaturesMethod(SpeechMethod):
         self.projector = self.new_projector()
         model.add_module(PROJECTOR, self.projector)
         if self.settings.encoder_trainable:
+            # master weights in the model's parameter dtype (fp32, or bf16 with mixed_precision=false), like
+            # every other trained parameter: FSDP2 and the recipe's dtype check need one dtype
+            self.encoder.to(torch.get_default_dtype())
             model.add_module(ENCODER, self.encoder)
         model.tok_embeddings.register_forward_pre_hook(self._take_slots)
         model.tok_embeddings.register_forward_hook(self._fill_slots)
 
     def model_state(self, weights: dict[str, torch.Tensor], checkpoint: Path | None) -> dict[str, torch.Tensor]:
-        """A checkpoint of this method (resumed, or `model=` of a later stage) gives its projector, and its
-        trained encoder if it has one, after checking they fit this run; anything else starts afresh."""
+        """A checkpoint of this method (resumed, or `model=` of a later stage) gives its projector, and the
+        encoder it carries (trained there or before), after checking they fit this run; anything else starts
+        afresh. A carried encoder is used whether this run trains it or not: the projector was trained on its
+        features, and this run's checkpoints carry it on."""
         s = self.settings
         saved = read_manifest(checkpoint) if checkpoint is not None else None
         if saved is None:
@@ -177,12 +190,17 @@ class FeaturesMethod(SpeechMethod):
             assert checkpoint is not None
             self._check_continues(saved, checkpoint)
             projector = _read(checkpoint / PROJECTOR_FILE)
+            if carries_encoder(saved):
+                self.encoder.load_state_dict(_read(checkpoint / ENCODER_FILE))
+                self.carries_encoder = True
+                log.info("speech encoder: the weights %s carries (%s)", checkpoint / ENCODER_FILE, self._state())
         state = weights | {f"{PROJECTOR}.{k}": v for k, v in projector.items()}
         if s.encoder_trainable:
-            trained = checkpoint / ENCODER_FILE if saved is not None and checkpoint is not None else None
-            encoder = _read(trained) if trained is not None and trained.is_file() else self.encoder.state_dict()
-            state |= {f"{ENCODER}.{k}": v for k, v in encoder.items()}
+            state |= {f"{ENCODER}.{k}": v for k, v in self.encoder.state_dict().items()}
         return state
+
+    def _state(self) -> str:
+        return "trained on" if self.settings.encoder_trainable else "frozen"
 
     def _check_continues(self, saved: dict[str, Any], checkpoint: Path) -> None:
         """Refuse to continue from a checkpoint made with another encoder or another projector shape."""
@@ -234,18 +252,23 @@ class FeaturesMethod(SpeechMethod):
 
     def project(self, waves: Sequence[np.ndarray], device: torch.device) -> list[torch.Tensor]:
         """One (slots, llm_dim) tensor per waveform: encoder features at the layer, stacked and projected.
-        A batch is padded with zero frames, which is what each utterance's own last group is padded with."""
+        A batch is padded with zero frames, which is what each utterance's own last group is padded with.
+        Encoder and projector run under the compute dtype's autocast, in training (where FSDP may also hand
+        them low-precision parameters) and in generation alike, so both compute the same features."""
         assert self.projector is not None, "attach() or from_checkpoint() first"
         self.encoder.to(device)
         trained = self.settings.encoder_trainable and torch.is_grad_enabled()
         low = self.compute_dtype != torch.float32
-        with torch.set_grad_enabled(trained), torch.autocast(device.type, self.compute_dtype, enabled=low):
-            features = self.encoder(waves)
-        padded = pad_sequence(features, batch_first=True)
-        projected = self.projector(padded.to(self.projector.linear1.weight.dtype))
+        with torch.autocast(device.type, self.compute_dtype, enabled=low):
+            with torch.set_grad_enabled(trained):
+                features = self.encoder(waves)
+            padded = pad_sequence(features, batch_first=True)
+            projected = self.projector(padded.to(self.projector.linear1.weight.dtype))
         return [projected[i, : math.ceil(len(f) / self.settings.downsample)] for i, f in enumerate(features)]
 
     def write_files(self, checkpoint: Path, own: dict[str, torch.Tensor]) -> None:
+        if self.carries_encoder and not self.settings.encoder_trainable:  # frozen here, carried on from the start
+            own = own | {f"{ENCODER}.{k}": v for k, v in self.encoder.state_dict().items()}
         for prefix, filename in ((PROJECTOR, PROJECTOR_FILE), (ENCODER, ENCODER_FILE)):
             tensors = {k.removeprefix(f"{prefix}."): v for k, v in own.items() if k.startswith(f"{prefix}.")}
             if tensors:
@@ -272,24 +295,35 @@ class FeaturesMethod(SpeechMethod):
                 "model_type": enc.model_type,
                 "layer": s.layer,
                 "trainable": s.encoder_trainable,
+                "weights_file": ENCODER_FILE if self.carries_encoder else None,
                 "sampling_rate": enc.sampling_rate,
                 "frame_rate": enc.frame_rate,
                 "dim": enc.dim,
             },
             "projector": {"downsample": s.downsample, "hidden": s.hidden, "in_dim": enc.dim, "out_dim": self.llm_dim},
             "audio_slot": AUDIO_SLOT,
+            "compute_dtype": short_name(self.compute_dtype),
         }
 
     def record(self) -> dict[str, Any]:
         s = self.settings
-        return {"method": self.name, "speech_encoder": s.encoder, "layer": s.layer, "downsample": s.downsample}
+        return {
+            "method": self.name,
+            "speech_encoder": s.encoder,
+            "layer": s.layer,
+            "downsample": s.downsample,
+            "feature_dtype": short_name(self.compute_dtype),
+        }
 
     def describe(self) -> str:
         s = self.settings
         state = "trained" if s.encoder_trainable else "frozen"
+        weights = ", fine-tuned weights" if self.carries_encoder else ""
+        drop = ", layer drop off" if self.encoder.layer_drop_off else ""
         return (
-            f"method=features: {self.encoder.model_type} layer {s.layer} ({state}, {self.encoder.frame_rate:g} Hz, "
-            f"dim {self.encoder.dim}) -> stack {s.downsample} -> MLP {s.hidden} -> {self.llm_dim}"
+            f"method=features: {self.encoder.model_type} layer {s.layer} ({state}{weights}{drop}, "
+            f"{self.encoder.frame_rate:g} Hz, dim {self.encoder.dim}) -> stack {s.downsample} -> MLP {s.hidden} -> "
+            f"{self.llm_dim}, computed in {short_name(self.compute_dtype)}"
         )
 
     # --- generation --------------------------------------------------------------------------------------
@@ -307,13 +341,18 @@ class FeaturesMethod(SpeechMethod):
                 hidden=int(proj["hidden"]),
             )
             llm_dim = int(proj["out_dim"])
-        except (KeyError, TypeError, ValueError) as err:
+            # what training computed the features in; checkpoints written before it was recorded ran fp32 here
+            compute_dtype = parse_dtype(
+                manifest.get("compute_dtype", "fp32"), f"{checkpoint / METHOD_FILE} compute_dtype"
+            )
+        except (KeyError, TypeError, ValueError, DtypeError) as err:
             raise MethodError(f"{checkpoint / METHOD_FILE}: missing or malformed entry {err}") from None
-        method = cls(settings, llm_dim, recorded={**enc, "checkpoint": str(checkpoint)})
+        method = cls(settings, llm_dim, compute_dtype=compute_dtype, recorded={**enc, "checkpoint": str(checkpoint)})
         method.projector = method.new_projector()
         method.projector.load_state_dict(_read(checkpoint / PROJECTOR_FILE))
-        if settings.encoder_trainable:
+        if carries_encoder(manifest):
             method.encoder.load_state_dict(_read(checkpoint / ENCODER_FILE))
+            method.carries_encoder = True
         method.encoder.eval()
         method.projector.eval()
         return method
@@ -355,6 +394,13 @@ def check_encoder(recorded: dict[str, Any], now: dict[str, Any]) -> None:
                 f"{where}: the speech encoder file {Path(now['path']) / name} changed since training "
                 f"(or is missing); the projector was trained on the features of the recorded file"
             )
+
+
+def carries_encoder(manifest: dict[str, Any]) -> bool:
+    """Whether a checkpoint holds the encoder's weights (`speech_encoder.safetensors`): recorded since later
+    stages carry a trained encoder on; before that, exactly when its own run trained the encoder."""
+    enc = manifest.get("speech_encoder", {})
+    return bool(enc.get("weights_file", enc.get("trainable", False)))
 
 
 def read_manifest(checkpoint: Path) -> dict[str, Any] | None:
