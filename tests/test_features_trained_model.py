@@ -21,7 +21,7 @@ from ssi.model.checkpointer import SpeechCheckpointer
 from ssi.model.engines import load_torch_model, stop_vllm, vllm_engine
 from ssi.model.methods.features import FeaturesMethod
 from ssi.model.speech_encoder import SpeechEncoder
-from ssi.train.recipe import SpeechTrainingRecipe
+from ssi.train.recipe import RecipeError, SpeechTrainingRecipe
 from ssi.vocab.tiktoken import AUDIO_SLOT, load_base_tokenizer, model_tokenizer
 
 from .test_features_method import checkpoint, features_args
@@ -266,3 +266,19 @@ def test_generation_computes_features_in_the_compute_dtype_training_ran_them_in(
     assert len(generated) == len(trained) >= 8
     for a, b in zip(trained, generated, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "change", ["data.train.dataloader.batch_seconds=12", "data.dev.from_train=4"], ids=["batch_seconds", "from_train"]
+)
+def test_resume_refuses_a_changed_batch_seconds_or_hold_out(tiny_base_dir, parts, tmp_path, change) -> None:
+    """Either changes which utterances a step trains on: replaying or skipping data without a word otherwise."""
+    common = ["trainable=projector", "save_steps=1", "eval_steps=100", "max_steps=2"]
+    run("sft", features_args(tiny_base_dir, parts, tmp_path / "run", *common))
+    resume = f"resume_from_checkpoint={checkpoint(tmp_path / 'run', 1)}"
+    resumed = features_args(tiny_base_dir, parts, tmp_path / "resumed", *common, resume, change)
+    key = change.split("=")[0]
+    with pytest.raises(RecipeError, match=rf"different settings \({key}: .* force_resume=true"):
+        SpeechTrainingRecipe(make_cfg("sft", resumed), "sft").setup()
+    _, code, _ = run("sft", [*resumed, "force_resume=true"])
+    assert code == 0

@@ -30,6 +30,8 @@ STATE_VERSION = 1
 RESUME_KEYS = (
     "data.kind",
     "data.train.dataset",
+    "data.train.dataloader.batch_seconds",  # audio presets: which utterances share every micro-batch
+    "data.dev.from_train",  # which utterances are held out of training
     "data.sequence",
     "data.packing",
     "optimizer",
@@ -68,11 +70,12 @@ def fingerprint(cfg: DictConfig, global_batch_size: int) -> dict[str, Any]:
 
 
 def check_resumable(state: dict[str, Any], current: dict[str, Any], ckpt_dir: Path, force: bool) -> None:
-    """Refuse a training state of another version, or written with other settings unless `force`."""
+    """Refuse a training state of another version, or written with other settings unless `force`. A key the
+    saved fingerprint lacks (a checkpoint written before the key was added to `RESUME_KEYS`) is not compared."""
     if state.get("version") != STATE_VERSION:
         raise ResumeError(f"{ckpt_dir}: training state version {state.get('version')} is not {STATE_VERSION}")
     saved = state["fingerprint"]
-    changed = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
+    changed = {key: (saved[key], value) for key, value in current.items() if key in saved and saved[key] != value}
     if changed and not force:
         lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise ResumeError(
