@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 
 class MissingSettingError(ValueError):
@@ -17,6 +17,26 @@ def to_container(node: Any) -> Any:
     if isinstance(node, (DictConfig, ListConfig)):
         return OmegaConf.to_container(node, resolve=True)
     return node
+
+
+def resolve_present(node: DictConfig | ListConfig) -> Any:
+    """Like `to_container`, except that a value that is `???`, or that interpolates to one, stays `???`
+    instead of raising: a command that reads part of a preset (generation reads one split) must not need
+    the values it never reads (the training source of a test-only command). Reading a `???` later still
+    fails by name (`required`, `check_complete`)."""
+
+    def value(parent: DictConfig | ListConfig, key: Any) -> Any:
+        if OmegaConf.is_missing(parent, key):
+            return MISSING
+        try:
+            child = parent[key]
+        except InterpolationToMissingValueError:
+            return MISSING
+        return resolve_present(child) if isinstance(child, (DictConfig, ListConfig)) else child
+
+    if isinstance(node, ListConfig):
+        return [value(node, i) for i in range(len(node))]
+    return {key: value(node, key) for key in node}
 
 
 def select(cfg: DictConfig, key: str) -> Any:

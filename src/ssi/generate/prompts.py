@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from tqdm import tqdm
 
-from ssi.config import to_container
+from ssi.config import resolve_present
 from ssi.data.config import SPLITS, build_dataset, section_source
 from ssi.generate import GenerationError
 from ssi.model.speech_encoder import AudioSlots
@@ -54,9 +55,18 @@ def dataset_name_from_source(source: str) -> str:
 
 
 def preset_splits(data: Mapping[str, Any]) -> dict[str, str]:
-    """`{section: split}` of the sections a preset has (one set to null has been removed); the split names the
+    """`{section: split}` of the sections a preset has and can read (one set to null has been removed; one whose
+    source is left `???`, as a test-only command leaves the training source, is left out); the split names the
     data the section reads (`train_heldout_0.05` for a dev section held out of train)."""
-    return {section: section_source(data, section).split for section in SPLITS if data.get(section) is not None}
+    splits = {}
+    for section in SPLITS:
+        if data.get(section) is None:
+            continue
+        try:
+            splits[section] = section_source(data, section).split
+        except MissingMandatoryValue:
+            continue
+    return splits
 
 
 def resolve_split(data: Mapping[str, Any], split: str) -> tuple[str, str]:
@@ -85,7 +95,13 @@ def resolve_data_config(cfg: DictConfig, location: CheckpointLocation, model_dir
     training preset, with any `+data.<key>=value` overrides merged on top."""
     given = cfg.get("data")
     if given is not None and "kind" in given:
-        return OmegaConf.create(to_container(given)), "command line (data=<preset>)"
+        try:
+            return OmegaConf.create(resolve_present(given)), "command line (data=<preset>)"
+        except InterpolationResolutionError as err:  # e.g. paired_folder's ${method}, a training setting
+            raise GenerationError(
+                f"data: {err.full_key} = {err.msg}; generation does not read training settings: give the value, "
+                "or +<setting>=<value> for the one the preset names"
+            ) from None
     if location.run_config is None:
         raise GenerationError(
             f"{model_dir} is not a checkpoint inside a run directory (<run>/checkpoints/epoch_E/global_step_S "
@@ -100,7 +116,7 @@ def resolve_data_config(cfg: DictConfig, location: CheckpointLocation, model_dir
     if given is not None:
         data = OmegaConf.merge(data, given)
         source += " + command-line data overrides"
-    return OmegaConf.create(to_container(data)), source
+    return OmegaConf.create(resolve_present(data)), source
 
 
 def build_prompts(
