@@ -1,6 +1,7 @@
 """`report.md`: a table per metric (rows: runs, with the settings that differ as columns; columns: checkpoint
 steps, or the best and last checkpoint when there are too many steps), the best checkpoint of each run in
-bold, the plots, and what is missing. Losses are in nats per token, WER and accuracies in percent."""
+bold, the plots, and what is missing. Losses are in nats per token, WER and accuracies in percent; what a run
+trained on is shown as text tokens, speech positions and audio hours, which mean the same for both methods."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ssi.report.runs import ACCURACY, INIT, TEXT_DEV_LOSS, TRAIN_LOSS, WER, RunR
 from ssi.report.table import DEV_WER, Report, higher_is_better, setting_text
 
 _TITLES = {TRAIN_LOSS: "Train loss", "dev_loss": "Dev loss", TEXT_DEV_LOSS: "Text dev loss"}
+_COUNT_TITLES = {"text_tokens": "text tokens", "speech_positions": "speech positions", "audio_hours": "audio hours"}
 _INIT_RUN = re.compile(r"^(?P<run>/.*)@(?P<step>\d+)$")
 
 
@@ -27,6 +29,15 @@ def value_text(metric: str, value: float | None) -> str:
     if value is None:
         return ""
     return f"{100 * value:.2f}" if metric.startswith((WER, ACCURACY)) else f"{value:.4f}"
+
+
+def count_text(name: str, value: float | None) -> str:
+    """Tokens and positions in full (`1,234,567`), hours to 3 significant digits (whole hours from 100 on)."""
+    if value is None:
+        return ""
+    if name != "audio_hours":
+        return f"{int(value):,}"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def _cell(text: str) -> str:
@@ -74,23 +85,34 @@ def render(
         "Losses in nats/token (train loss: the last logged value at or before the step), WER and accuracy in %.",
         "",
     ]
+    if report.counts:
+        lines += [
+            "Trained on, summed over ranks: text tokens; speech positions (unit tokens with method=units, audio "
+            "slots with method=features: their number per second differs); audio hours behind them, which compare "
+            "runs of any method or encoder at equal data (`max_audio_hours`).",
+            "",
+        ]
+    counted = [_COUNT_TITLES[name] for name in report.counts]
     settings = report.settings
     lines += ["## Runs", ""]
     rows = []
     for label, run, best in zip(labels, runs, report.best, strict=True):
         checkpoints = sum(1 for row in run.steps if row.checkpoint is not None)
         chosen = f"{best.step} ({best.metric})" if best else ""
-        rows.append([label, *(shown_setting(report, k, run) for k in settings), run.status, str(checkpoints), chosen])
-    lines += _table(["run", *settings, "status", "checkpoints", "best step (by)"], rows)
+        counts = [count_text(name, run.counts.get(name)) for name in report.counts]
+        rows.append(
+            [label, *(shown_setting(report, k, run) for k in settings), *counts, run.status, str(checkpoints), chosen]
+        )
+    lines += _table(["run", *settings, *counted, "status", "checkpoints", "best step (by)"], rows)
     lines += ["", "## Best checkpoints", ""]
     rows = []
     for label, run, best in zip(labels, runs, report.best, strict=True):
         row = next((r for r in run.steps if best is not None and r.step == best.step), None)
         values = [value_text(m, row.values.get(m)) if row else "" for m in headline_metrics(report.metrics)]
-        rows.append(
-            [label, *(shown_setting(report, k, run) for k in settings), str(best.step) if best else "", *values]
-        )
-    lines += _table(["run", *settings, "step", *headline_metrics(report.metrics)], rows)
+        counts = [count_text(name, row.counts.get(name)) if row else "" for name in report.counts]
+        step = str(best.step) if best else ""
+        rows.append([label, *(shown_setting(report, k, run) for k in settings), step, *counts, *values])
+    lines += _table(["run", *settings, "step", *counted, *headline_metrics(report.metrics)], rows)
 
     steps = sorted({row.step for run in runs for row in run.steps})
     by_step = len(steps) <= max_step_columns

@@ -1,5 +1,6 @@
 """One run directory as a report sees it: its settings and, for each checkpoint step, the losses, WERs and
-benchmark accuracies its files hold, plus what is missing (docs/experiments.md, "The report").
+benchmark accuracies its files hold and what it was trained on up to there, plus what is missing
+(docs/experiments.md, "The report").
 
 Only small files are read (`torchtune_config.yaml`, `logs/`, one `ssi.json`, `wer.json`, `summary.json`) and
 nothing is written. A run in progress is read as it is: checkpoints and outputs being written live under
@@ -12,7 +13,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,19 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MAX_LISTED_STEPS = 8
 
 
+def _hours(seconds: float) -> float:
+    return seconds / 3600
+
+
+# What a run trained on up to a step, counted alike for both methods (ssi.train.recipe.COUNTS), so that runs can
+# be compared at equal audio hours: report column -> (the running total training logs, its conversion)
+COUNTED: dict[str, tuple[str, Callable[[float], float]]] = {
+    "text_tokens": ("consumed_text_tokens", int),
+    "speech_positions": ("consumed_speech_positions", int),
+    "audio_hours": ("consumed_audio_seconds", _hours),
+}
+
+
 @dataclass
 class StepResults:
     """One row of the report: a checkpoint step and what was measured there."""
@@ -43,6 +57,7 @@ class StepResults:
     checkpoint: Path | None = None  # None when it was pruned (keep_last_n) but its results remain
     generated: bool = False  # has a generations folder (scored or not)
     values: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)  # COUNTED up to this step
 
 
 @dataclass
@@ -54,6 +69,7 @@ class RunResults:
     missing: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     stop_reason: str | None = None  # the last line of logs/stops.jsonl (ssi.train.budget.STOP_REASONS)
+    counts: dict[str, float] = field(default_factory=dict)  # COUNTED over the whole run so far
 
     def metric_names(self) -> set[str]:
         return {name for row in self.steps for name in row.values}
@@ -257,6 +273,21 @@ def _fill_logged(rows: list[StepResults], log: dict[int, dict[str, float]]) -> N
                 row.values[name] = log[row.step][key]
 
 
+def _fill_counts(rows: list[StepResults], log: dict[int, dict[str, float]]) -> dict[str, float]:
+    """COUNTED at each row's step (the running totals logged at that step, which training logs at every checkpoint,
+    or the last before it); returns them over the whole log."""
+    whole = {}
+    for name, (key, convert) in COUNTED.items():
+        logged = sorted(step for step, values in log.items() if key in values)
+        if logged:
+            whole[name] = convert(log[logged[-1]][key])
+        for row in rows:
+            at = bisect.bisect_right(logged, row.step)
+            if at:
+                row.counts[name] = convert(log[logged[at - 1]][key])
+    return whole
+
+
 def _missing(path: Path, rows: list[StepResults], has_log: bool) -> list[str]:
     missing = []
     if not has_log:
@@ -316,8 +347,9 @@ def read_run(path: Path) -> RunResults:
     ordered = sorted(rows.values(), key=lambda r: r.step)
     log = reader.log(path)
     _fill_logged(ordered, log)
+    counts = _fill_counts(ordered, log)
     settings.update(_manifest_settings(ordered, settings.get("model"), reader))
     settings[INIT] = _init(settings.get("model"))
     has_log = (path / run_dir.LOGS_DIR).is_dir()
     missing = _missing(path, ordered, has_log) + missing
-    return RunResults(path, settings, ordered, log, missing, reader.problems, _stop_reason(path))
+    return RunResults(path, settings, ordered, log, missing, reader.problems, _stop_reason(path), counts)

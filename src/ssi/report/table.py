@@ -1,5 +1,6 @@
 """Runs side by side: one row per run and checkpoint step, the settings that differ between the runs as
-columns, and the best checkpoint of each run (docs/experiments.md, "The report").
+columns, what each step was trained on (text tokens, speech positions, audio hours), and the best checkpoint of
+each run (docs/experiments.md, "The report").
 
 Settings that only say where a run lives or how it ran (output dir, logging, device, resume flags...) are never
 compared; `model` is shown as `init` (a model directory, or `<run>@<step>` when the run started from another
@@ -18,13 +19,13 @@ from ssi.data.holdout import HoldOut
 from ssi.report import ReportInputError
 from ssi.report.runs import (
     ACCURACY,
+    COUNTED,
     DEV_LOSS,
     INIT,
     LOGGED,
     MANIFEST_SETTINGS,
     WER,
     RunResults,
-    StepResults,
     headline_metrics,
     names_setting,
 )
@@ -71,6 +72,7 @@ class Report:
     labels: list[str]
     settings: list[str]  # the settings that differ between the runs
     metrics: list[str]  # every metric column, in display order
+    counts: list[str]  # the COUNTED columns some run has (runs logged before the counts have none)
     best: list[Best | None]
     missing: list[str]  # across runs: a metric some runs have and others lack entirely
 
@@ -187,7 +189,8 @@ def build_report(runs: list[RunResults], select_by: str | None = None) -> Report
             else:
                 why = f"no checkpoint step has {metric or 'a dev WER or dev loss'}"
             missing.append(f"{label}: no best checkpoint ({why})")
-    return Report(runs, labels, differing_settings(runs), metrics, best, missing)
+    counts = [name for name in COUNTED if any(name in run.counts for run in runs)]
+    return Report(runs, labels, differing_settings(runs), metrics, counts, best, missing)
 
 
 def setting_text(run: RunResults, key: str) -> str:
@@ -203,9 +206,11 @@ def setting_text(run: RunResults, key: str) -> str:
 
 
 def csv_rows(report: Report) -> list[list[Any]]:
-    """The header and one row per run and step: run, step, epoch, metrics, differing settings, then whether it
-    is the run's best checkpoint, the checkpoint directory (empty when pruned) and the run directory."""
-    header = ["run", "step", "epoch", *report.metrics, *report.settings, "best", "checkpoint", "run_dir"]
+    """The header and one row per run and step: run, step, epoch, metrics, what was trained on up to the step,
+    differing settings, then whether it is the run's best checkpoint, the checkpoint directory (empty when
+    pruned) and the run directory."""
+    header = ["run", "step", "epoch", *report.metrics, *report.counts, *report.settings]
+    header += ["best", "checkpoint", "run_dir"]
     rows: list[list[Any]] = [header]
     for label, run, best in zip(report.labels, report.runs, report.best, strict=True):
         settings = [setting_text(run, key) for key in report.settings]
@@ -216,7 +221,8 @@ def csv_rows(report: Report) -> list[list[Any]]:
                     label,
                     row.step,
                     "" if row.epoch is None else row.epoch,
-                    *(_number(row, metric) for metric in report.metrics),
+                    *(_number(row.values, metric) for metric in report.metrics),
+                    *(_number(row.counts, name) for name in report.counts),
                     *settings,
                     "true" if best is not None and best.step == row.step else "false",
                     row.checkpoint.absolute() if row.checkpoint else "",
@@ -226,6 +232,6 @@ def csv_rows(report: Report) -> list[list[Any]]:
     return rows
 
 
-def _number(row: StepResults, metric: str) -> str:
-    value = row.values.get(metric)
+def _number(values: dict[str, float], name: str) -> str:
+    value = values.get(name)
     return "" if value is None else repr(value)

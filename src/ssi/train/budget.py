@@ -1,16 +1,21 @@
-"""When a run ends: `max_steps`, `max_tokens`, `max_hours` and `epochs`, and the learning-rate span they imply.
+"""When a run ends: `max_steps`, `max_tokens`, `max_hours`, `max_audio_hours` and `epochs`, and the learning-rate
+span they imply.
 
 On a Slurm cluster the wall clock binds, and steps are a poor proxy for it (slamkit trains "on one GPU in
 a day" the same way). A budget ends training at the next step boundary with a checkpoint, like a
 preemption, and the reason is recorded (`STOP_REASONS`) in the training state and in `logs/stops.jsonl`.
+Each budget reads one of the run's totals (summed over ranks, kept in the checkpoint, continued on resume):
 
-- `max_tokens`: training tokens consumed on all ranks (the `tokens` total in the logs: text, DSU and special
-  tokens, padding excluded).
-- `max_hours`: the run's wall clock from the start of set-up to each step boundary, summed over resumes and
-  requeues (the time a job waited in the queue does not count).
+- `max_tokens`: `tokens`, every non-padding position trained on: text, special and speech positions (unit
+  tokens with method=units, audio slots with method=features). The methods put different numbers of positions
+  on a second of speech (HuBERT units 50, the default projector 10), so equal tokens are not equal data.
+- `max_audio_hours`: `audio_seconds`, the audio behind the speech positions (ssi.train.throughput.AudioClock):
+  the budget to compare methods or encoders at equal data.
+- `max_hours`: `wall_seconds`, the run's wall clock from the start of set-up to each step boundary, summed
+  over resumes and requeues (the time a job waited in the queue does not count).
 
 With `lr_scheduler.span=budget` the cosine decays over whichever budget binds first. Its length in steps is
-estimated once, at the end of warmup (or after step 1 without warmup), from the tokens and seconds per
+estimated once, at the end of warmup (or after step 1 without warmup), from the tokens, audio and seconds per
 step measured so far; it is kept in the scheduler's state, so a resume continues the same schedule, and
 estimated again on resume only when a budget was changed. `span=max_steps` spans `max_steps` always.
 """
@@ -18,13 +23,14 @@ estimated again on resume only when a budget was changed. `span=max_steps` spans
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-STOP_REASONS = ("max_steps", "max_tokens", "max_hours", "epochs", "signal")
+STOP_REASONS = ("max_steps", "max_tokens", "max_hours", "max_audio_hours", "epochs", "signal")
 SPANS = ("max_steps", "budget")
 
 
@@ -38,9 +44,10 @@ class Budget:
     max_tokens: int | None = None
     max_hours: float | None = None
     epochs: int | None = None
+    max_audio_hours: float | None = None
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "max_tokens", "max_hours", "epochs"):
+        for key in ("max_steps", "max_tokens", "max_hours", "epochs", "max_audio_hours"):
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise BudgetError(f"{key} must be > 0 (or null for no such budget), got {value}")
@@ -52,24 +59,35 @@ class Budget:
             return None if value is None else kind(value)
 
         return cls(
-            int(cfg.max_steps), optional("max_tokens", int), optional("max_hours", float), optional("epochs", int)
+            int(cfg.max_steps),
+            optional("max_tokens", int),
+            optional("max_hours", float),
+            optional("epochs", int),
+            optional("max_audio_hours", float),
         )
 
-    def reached(self, step: int, tokens: int, seconds: float) -> str | None:
-        """The budget that ends training at this step boundary, if any (steps, then tokens, then hours)."""
+    @classmethod
+    def from_saved(cls, saved: Mapping[str, Any]) -> Budget:
+        """The budget a checkpoint recorded (`as_dict`); budgets added since then are absent there, i.e. unset."""
+        return cls(**saved)
+
+    def reached(self, step: int, totals: Mapping[str, Any]) -> str | None:
+        """The budget that ends training at this step boundary, if any (steps, tokens, hours, then audio hours)."""
         if step >= self.max_steps:
             return "max_steps"
-        if self.max_tokens is not None and tokens >= self.max_tokens:
+        if self.max_tokens is not None and totals["tokens"] >= self.max_tokens:
             return "max_tokens"
-        if self.max_hours is not None and seconds >= self.max_hours * 3600:
+        if self.max_hours is not None and totals["wall_seconds"] >= self.max_hours * 3600:
             return "max_hours"
+        if self.max_audio_hours is not None and totals["audio_seconds"] >= self.max_audio_hours * 3600:
+            return "max_audio_hours"
         return None
 
-    def exhausted(self, step: int, epoch: int, tokens: int, seconds: float) -> str | None:
+    def exhausted(self, step: int, epoch: int, totals: Mapping[str, Any]) -> str | None:
         """`reached`, or the epoch cap: whether a saved position has nothing left to train."""
         if self.epochs is not None and epoch >= self.epochs:
             return "epochs"
-        return self.reached(step, tokens, seconds)
+        return self.reached(step, totals)
 
     def describe(self, reason: str) -> str:
         """`max_tokens=1000000` for a reason, as the user sets it."""
@@ -78,16 +96,18 @@ class Budget:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def span_steps(self, step: int, tokens: int, wall_seconds: float, step_seconds: float) -> int:
-        """Steps the schedule spans: `max_steps`, or fewer where the token or hour budget runs out first at
-        the rates of the `step` steps so far (tokens per step; training seconds per step for the wall clock
-        still left, so that set-up time is not extrapolated)."""
+    def span_steps(self, step: int, totals: Mapping[str, Any]) -> int:
+        """Steps the schedule spans: `max_steps`, or fewer where the token, audio or hour budget runs out first
+        at the rates of the `step` steps so far (tokens and audio seconds per step; training seconds per step for
+        the wall clock still left, so that set-up time is not extrapolated)."""
         span = self.max_steps
-        if step > 0 and self.max_tokens is not None and tokens > 0:
-            span = min(span, math.ceil(self.max_tokens * step / tokens))
-        if step > 0 and self.max_hours is not None and step_seconds > 0:
-            left = max(self.max_hours * 3600 - wall_seconds, 0.0)
-            span = min(span, step + math.ceil(left * step / step_seconds))
+        if step > 0 and self.max_tokens is not None and totals["tokens"] > 0:
+            span = min(span, math.ceil(self.max_tokens * step / totals["tokens"]))
+        if step > 0 and self.max_audio_hours is not None and totals["audio_seconds"] > 0:
+            span = min(span, math.ceil(self.max_audio_hours * 3600 * step / totals["audio_seconds"]))
+        if step > 0 and self.max_hours is not None and totals["train_seconds"] > 0:
+            left = max(self.max_hours * 3600 - totals["wall_seconds"], 0.0)
+            span = min(span, step + math.ceil(left * step / totals["train_seconds"]))
         return max(span, 1)
 
 

@@ -15,14 +15,18 @@ its set-up belong together. What it adds for speech research:
   on any number of ranks with bit-identical losses on CPU fp32.
 - GPUs (docs/training.md): bf16 compute with fp32 master weights by default, FSDP2 across ranks,
   batches built on the host and copied without blocking, MFU in the logs.
+- What a run trained on is counted the same way for both methods (`COUNTS`): text tokens, speech positions
+  (unit tokens or audio slots) and seconds of audio, per step and in total (`consumed_*`, also logged at every
+  checkpoint), summed over ranks and kept in the checkpoint, so a resume continues them.
 - What is trained (`trainable=full | new_embeddings | lora | projector`, `freeze=`) is one object,
   `ssi.train.trainable`, that prepares the model and says what each checkpoint holds; how speech enters the
   decoder (`method=units | features`) is another, `ssi.model.methods`. The recipe has no branch per mode or method.
 - SIGTERM, SIGUSR1 (Slurm's pre-timeout signal) and submitit's SIGUSR2 end the run at the next step boundary
   with a checkpoint; then submitit requeues the job, or the process exits with `EXIT_PREEMPTED` so an sbatch
   script can requeue itself (ssi.train.preemption). Budgets (`max_steps`, `max_tokens`, `max_hours`,
-  `epochs`; ssi.train.budget) end it the same way with exit code 0. `resume_from_checkpoint=auto` continues a
-  run that has a checkpoint and starts one that has none; in a Hydra multirun it is the default (ssi.train.sweep).
+  `max_audio_hours`, `epochs`; ssi.train.budget) end it the same way with exit code 0.
+  `resume_from_checkpoint=auto` continues a run that has a checkpoint and starts one that has none; in a Hydra
+  multirun it is the default (ssi.train.sweep).
 """
 
 from __future__ import annotations
@@ -67,10 +71,12 @@ from ssi.train import budget, distributed, state, sweep, trainable
 from ssi.train.loss import LinearCrossEntropyLoss
 from ssi.train.preemption import EXIT_PREEMPTED, StopSignals
 from ssi.train.sampler import GlobalBatchSampler, SecondsBatchSampler
-from ssi.train.throughput import Throughput, real_positions
+from ssi.train.throughput import AudioClock, Throughput, real_positions, speech_positions
 from ssi.vocab.tiktoken import model_tokenizer
 
 log = logging.getLogger(__name__)
+# The totals that say what a run trained on, besides `tokens` (every non-padding position: max_tokens reads it).
+COUNTS = ("text_tokens", "speech_positions", "audio_seconds")
 
 
 class RecipeError(ValueError):
@@ -126,7 +132,8 @@ class SpeechTrainingRecipe:
         self.epoch = 0
         self.step_in_epoch = 0
         self.consumed_samples = 0
-        self.totals = {"tokens": 0, "label_tokens": 0, "train_seconds": 0.0, "wall_seconds": 0.0, "skipped_steps": 0}
+        self.totals: dict[str, Any] = {"tokens": 0, "label_tokens": 0, "train_seconds": 0.0, "wall_seconds": 0.0}
+        self.totals |= {"skipped_steps": 0, "text_tokens": 0, "speech_positions": 0, "audio_seconds": 0.0}
         self.stop = StopSignals()
         self._last_saved_step = -1
         self.metric_loggers: list[Any] = []
@@ -183,6 +190,14 @@ class SpeechTrainingRecipe:
             except loggers.LoggerUnavailableError as err:
                 raise RecipeError(str(err)) from None
         self._setup_data()
+        self.clock = AudioClock.of_split(self.train_split)
+        if not self.clock.measures:
+            self.totals["audio_seconds"] = None
+            if self.budget.max_audio_hours is not None:
+                raise RecipeError(
+                    "max_audio_hours: with data.sequence.dedup=true a unit token stands for a run of frames of "
+                    "unknown length, so the audio seconds of a run are not counted; use max_tokens or dedup=false"
+                )
         self.model = self._setup_model(self._initial_weights(resume_from))
         self.optimizer = self._setup_optimizer()
         try:
@@ -421,12 +436,15 @@ class SpeechTrainingRecipe:
         self.epoch = saved["epoch"]
         self.step_in_epoch = saved["step_in_epoch"]
         self.consumed_samples = saved["consumed_samples"]
-        self.totals = {**self.totals, **saved["totals"]}
+        uncounted = [key for key in COUNTS if saved["totals"].get(key) is None and self.totals[key] is not None]
+        if uncounted:
+            log.warning("%s has no %s total (an older checkpoint): counted from here", ckpt_dir, ", ".join(uncounted))
+        self.totals = {**self.totals, **{k: v for k, v in saved["totals"].items() if k not in uncounted}}
         self.wall_before = float(self.totals["wall_seconds"])
         state.restore_rng(saved["rng"])
         self._last_saved_step = self.global_step
         self._continue_schedule(saved.get("budget"))
-        left = self.budget.exhausted(self.global_step, self.epoch, self.totals["tokens"], self.totals["wall_seconds"])
+        left = self.budget.exhausted(self.global_step, self.epoch, self.totals)
         if left is not None:
             why = f"{ckpt_dir} ended its run on {self.budget.describe(left)}"
             if self.cfg.resume_from_checkpoint != "auto":
@@ -440,16 +458,15 @@ class SpeechTrainingRecipe:
     def _continue_schedule(self, saved_budget: dict[str, Any] | None) -> None:
         """`lr_scheduler.span=budget` after a budget was changed: estimate the span again from the totals."""
         decided_at = budget.span_decision_step(self.cfg.lr_scheduler)
-        if decided_at is None or self.global_step < decided_at or saved_budget == self.budget.as_dict():
+        unchanged = saved_budget is not None and budget.Budget.from_saved(saved_budget) == self.budget
+        if decided_at is None or self.global_step < decided_at or unchanged:
             return
         self._decide_span()
         log.info("a budget changed: the lr schedule now spans %d steps", budget.schedule_of(self.lr_scheduler).span)
 
     def _decide_span(self) -> None:
         """Fix the cosine's length from the rates measured so far, the same on every rank (the smallest)."""
-        span = self.budget.span_steps(
-            self.global_step, self.totals["tokens"], self.totals["wall_seconds"], self.totals["train_seconds"]
-        )
+        span = self.budget.span_steps(self.global_step, self.totals)
         span = int(distributed.all_reduce(torch.tensor([span], device=self.device), self.env, "min").item())
         budget.schedule_of(self.lr_scheduler).span = span
 
@@ -458,6 +475,7 @@ class SpeechTrainingRecipe:
         """Write `checkpoints/epoch_E/global_step_S/` (HF weights + training_state) from rank 0."""
         if self._last_saved_step == self.global_step:
             return None
+        self._log(self._consumed())  # the report reads what each checkpoint was trained on from the log
         if self.env.is_distributed:
             model_state = training.gather_cpu_state_dict(self.model, self.env.is_main, device=self.device)
         else:
@@ -618,7 +636,7 @@ class SpeechTrainingRecipe:
     def _stop_reason(self) -> str | None:
         """Why training ends at this step boundary, the same on all ranks: a stop signal on any rank, else
         the first budget reached (each rank measures its own wall clock: the largest counts)."""
-        reached = self.budget.reached(self.global_step, self.totals["tokens"], self.totals["wall_seconds"])
+        reached = self.budget.reached(self.global_step, self.totals)
         code = (
             len(budget.STOP_REASONS) if self.stop.received else budget.STOP_REASONS.index(reached) + 1 if reached else 0
         )
@@ -637,18 +655,23 @@ class SpeechTrainingRecipe:
         else:
             what = f"{self.budget.describe(reason)} reached"
         log.info(
-            "stopped at step %d (%s) after %s tokens and %.2f h%s",
+            "stopped at step %d (%s) after %s tokens (%s) and %.2f h%s",
             self.global_step,
             what,
             f"{self.totals['tokens']:,}",
+            self._consumed_text(),
             self.totals["wall_seconds"] / 3600,
             f"; checkpoint {saved}" if saved else "",
         )
+        audio = self.totals["audio_seconds"]
         record = {
             "reason": reason,
             "step": self.global_step,
             "epoch": self.epoch,
             "tokens": self.totals["tokens"],
+            "text_tokens": self.totals["text_tokens"],
+            "speech_positions": self.totals["speech_positions"],
+            "audio_hours": None if audio is None else audio / 3600,
             "hours": self.totals["wall_seconds"] / 3600,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -661,7 +684,8 @@ class SpeechTrainingRecipe:
         return {
             "loss_sum": torch.zeros((), dtype=torch.float32, device=self.device),
             "label_tokens": 0,
-            "counts": {"samples": 0, "text": 0, "dsu": 0, "special": 0, "audio": 0, "padding": 0, "model_flops": 0.0},
+            "counts": dict.fromkeys(("samples", "text", "dsu", "special", "audio", "padding"), 0)
+            | {"model_flops": 0.0, "audio_seconds": 0.0},
         }
 
     def _accumulate(self, window: dict[str, Any], batch: dict[str, Any], loss_sum: torch.Tensor, n: int) -> None:
@@ -673,6 +697,7 @@ class SpeechTrainingRecipe:
         for kind, count in kinds.items():
             counts[kind] += count
         counts["model_flops"] += self.throughput.batch_flops(real_positions(kinds), batch["tokens"].shape[1])
+        counts["audio_seconds"] += self.clock.seconds(batch)
 
     def _optimizer_step(self, window: dict[str, Any]) -> dict[str, Any]:
         """Normalise by the window's label tokens over all ranks, clip, step; returns step metrics."""
@@ -707,8 +732,27 @@ class SpeechTrainingRecipe:
         counts = dict(zip(names, distributed.all_reduce(summed.to(self.device), self.env).cpu().tolist(), strict=True))
         self.consumed_samples += int(counts["samples"])
         self.totals["tokens"] += int(real_positions(counts))
+        self.totals["text_tokens"] += int(counts["text"])
+        self.totals["speech_positions"] += int(speech_positions(counts))
         metrics = self.throughput.metrics(counts, elapsed, self.env.world_size)
-        return {**metrics, "consumed_samples": self.consumed_samples, "epoch": self.epoch}
+        if self.clock.measures:
+            self.totals["audio_seconds"] += counts["audio_seconds"]
+            metrics["audio_seconds"] = counts["audio_seconds"]
+        return {**metrics, **self._consumed(), "epoch": self.epoch}
+
+    def _consumed(self) -> dict[str, float]:
+        """The running totals of what the run trained on, on all ranks (`consumed_<total>`)."""
+        consumed = {"consumed_samples": self.consumed_samples}
+        for key in ("tokens", *COUNTS):
+            if self.totals[key] is not None:
+                consumed[f"consumed_{key}"] = self.totals[key]
+        return consumed
+
+    def _consumed_text(self) -> str:
+        """`1,200 text tokens, 3,400 speech positions, 0.12 h of audio` for the log."""
+        t = self.totals
+        audio = "" if t["audio_seconds"] is None else f", {t['audio_seconds'] / 3600:.4g} h of audio"
+        return f"{t['text_tokens']:,} text tokens, {t['speech_positions']:,} speech positions{audio}"
 
     def evaluate_all(self) -> dict[str, float]:
         """`dev_loss` on the data preset's dev split and `text_dev_loss` on the text dev set, when configured."""
@@ -764,13 +808,15 @@ class SpeechTrainingRecipe:
             for k in ("loss", "dev_loss", "text_dev_loss", "lr", "grad_norm", "tokens_per_second", "mfu")
             if k in metrics
         }
-        eta = ""
+        if not shown:  # the running totals logged with a checkpoint: for the metric logs only
+            return
+        eta = seen = ""
         if "tokens_per_second" in metrics and self.global_step:
             per_step = self.totals["train_seconds"] / self.global_step
-            t = self.totals
-            last = self.budget.span_steps(self.global_step, t["tokens"], t["wall_seconds"], t["train_seconds"])
+            last = self.budget.span_steps(self.global_step, self.totals)
             eta = f" eta {time.strftime('%H:%M:%S', time.gmtime(per_step * max(last - self.global_step, 0)))}"
-        log.info("step %d %s%s", self.global_step, " ".join(f"{k}={v:.4g}" for k, v in shown.items()), eta)
+            seen = f" ({self._consumed_text()} so far)"
+        log.info("step %d %s%s%s", self.global_step, " ".join(f"{k}={v:.4g}" for k, v in shown.items()), eta, seen)
 
     def cleanup(self) -> None:
         """Release what the run holds; in a local sweep the next job starts in this same process."""

@@ -1,5 +1,6 @@
 """What a training step achieved: tokens/s, and model FLOPs utilisation (MFU), the share of the
-accelerator's peak that training turns into model math.
+accelerator's peak that training turns into model math; and what it trained on, counted three ways that mean
+the same for both methods: text tokens, speech positions and seconds of audio (`AudioClock`).
 
 FLOPs per trained token follow the PaLM paper's accounting (Chowdhery et al. 2022, appendix B):
 `6 * N + 12 * L * d * T`, where N counts the weights that take part in matrix multiplications
@@ -17,9 +18,12 @@ from __future__ import annotations
 import resource
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ssi.data.audio_sft import AudioSFTDataset
+from ssi.data.config import BuiltSplit
 from ssi.model.architecture import LlamaArchitecture
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s. Matched against
@@ -64,6 +68,45 @@ def real_positions(counts: Mapping[str, float]) -> float:
     return counts["text"] + counts["dsu"] + counts["special"] + counts.get("audio", 0)
 
 
+def speech_positions(counts: Mapping[str, float]) -> float:
+    """The positions that carry speech: unit tokens (method=units) and audio slots (method=features)."""
+    return counts["dsu"] + counts.get("audio", 0)
+
+
+@dataclass(frozen=True)
+class AudioClock:
+    """Seconds of audio behind a batch's speech positions, so that runs of either method (or of encoders with
+    other frame rates) can be compared at equal audio: unit tokens at the frame rate their encoder recorded
+    (encoding.json, else the preset's encoder), waveform samples at the rate they were decoded to. Padding never
+    counts (collated waveforms are unpadded; units are counted on real positions). Deduplicated units measure
+    nothing: a token then stands for a run of frames whose length the batch no longer holds, and no figure is
+    better than a wrong one."""
+
+    frame_rate: float | None = None  # unit tokens per second
+    sampling_rate: int | None = None  # waveform samples per second
+
+    @classmethod
+    def of_split(cls, built: BuiltSplit) -> AudioClock:
+        dataset = built.dataset
+        if isinstance(dataset, AudioSFTDataset):
+            return cls(sampling_rate=dataset.sampling_rate)
+        assert built.encoder is not None  # a units split is built from its encoder
+        return cls(frame_rate=None if dataset.options.dedup else built.encoder.fps)
+
+    @property
+    def measures(self) -> bool:
+        return self.frame_rate is not None or self.sampling_rate is not None
+
+    def seconds(self, batch: Mapping[str, Any]) -> float:
+        """Audio seconds of one collated batch."""
+        seconds = 0.0
+        if self.frame_rate is not None:
+            seconds += int(batch["token_counts"]["dsu"]) / self.frame_rate
+        if self.sampling_rate is not None:
+            seconds += sum(len(wave) for wave in batch.get("audio", ())) / self.sampling_rate
+        return seconds
+
+
 def peak_flops(device: torch.device, peak_tflops: float | None = None) -> float | None:
     """Peak FLOP/s of one device: `peak_tflops` when given, else the data-sheet bf16 figure of a known
     GPU; None when unknown (MFU is then not logged)."""
@@ -100,7 +143,8 @@ class Throughput:
         return real_tokens * training_flops_per_token(self.n_matmul_params, self.num_layers, self.embed_dim, seq_len)
 
     def metrics(self, counts: dict[str, float], elapsed: float, world_size: int) -> dict[str, float]:
-        """tokens/s, samples/s, token counts by kind, model TFLOP/s per device, MFU and peak memory."""
+        """tokens/s, samples/s, token counts by kind and speech positions, model TFLOP/s per device, MFU and peak
+        memory."""
         real_tokens = real_positions(counts)
         per_device_flops = counts["model_flops"] / elapsed / world_size
         metrics = {
@@ -110,6 +154,7 @@ class Throughput:
             "dsu_tokens": int(counts["dsu"]),
             "special_tokens": int(counts["special"]),
             "audio_positions": int(counts.get("audio", 0)),  # the features method's projected frames
+            "speech_positions": int(speech_positions(counts)),
             "padding_tokens": int(counts["padding"]),
             "model_tflops_per_device": per_device_flops / 1e12,
         }
