@@ -23,7 +23,9 @@ from ssi.data.sources import DataValidationError
 from ssi.encode.fixtures import write_spoken_corpus, write_tiny_hubert, write_tiny_whisper
 from ssi.generate.pipeline import main as generate_main
 from ssi.generate.pipeline import run_generation
-from ssi.model.methods.features import FeatureSettings, FeaturesMethod
+from ssi.generate.prompts import build_prompts
+from ssi.model import methods
+from ssi.model.methods.features import FeatureSettings, FeaturesMethod, initial_projector
 from ssi.model.speech_encoder import SpeechEncoder
 from ssi.report.cli import main as report_main
 from ssi.report.synthetic import run_config, write_run
@@ -74,6 +76,36 @@ def checkpoint(run_dir: Path, step: int) -> Path:
 
 def generate(model: Path, *extra: str) -> dict:
     return run_generation(make_cfg("generate", ["progress=false", f"model={model}", *extra]))
+
+
+def trained_slot_rows(recipe: SpeechTrainingRecipe) -> list[torch.Tensor]:
+    """Each dev utterance's audio-slot embeddings as the recipe's model writes them in its forward (the token
+    embedding's hooks, eval mode, under the compute dtype), in split order."""
+    recipe.model.eval()
+    rows = []
+    with torch.no_grad(), torch.autocast(recipe.device.type, dtype=recipe.dtype, enabled=recipe.autocast):
+        for batch in recipe.dev_loader:
+            tokens = recipe.method.decoder_inputs(batch, recipe.device)
+            embeds = recipe.model.tok_embeddings(tokens)
+            rows += [e[t == AUDIO_SLOT].float() for t, e in zip(tokens, embeds, strict=True)]
+    return rows
+
+
+def generated_slot_rows(recipe: SpeechTrainingRecipe, ckpt: Path) -> list[torch.Tensor]:
+    """The same utterances' audio-slot embeddings as generation builds them from checkpoint `ckpt`."""
+    method = methods.from_checkpoint(ckpt)
+    data = recipe.cfg.data
+    prompts = build_prompts(data, "dev", str(data.dev.dataset.split), recipe.tokenizer, False, method.audio_slots)
+    ids = [p.token_ids for p in prompts]
+    embeds = method.prompt_embeddings(ids, [p.audio for p in prompts], ckpt, torch.device("cpu"))
+    return [e[torch.tensor(i) == AUDIO_SLOT].float() for e, i in zip(embeds, ids, strict=True)]
+
+
+def assert_generation_reads_the_trained_model(recipe: SpeechTrainingRecipe, ckpt: Path, atol: float = 1e-6) -> None:
+    trained, generated = trained_slot_rows(recipe), generated_slot_rows(recipe, ckpt)
+    assert len(trained) == len(generated) >= 8
+    for a, b in zip(trained, generated, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=atol)
 
 
 @pytest.fixture(scope="module")
@@ -141,23 +173,24 @@ def test_a_units_run_and_a_features_run_share_one_report(trained, torch_record, 
 
 
 def test_projector_only_training_changes_no_llm_or_encoder_weight(tiny_base_dir, parts, tmp_path) -> None:
-    encoder = shutil.copytree(parts["hubert"], tmp_path / "hubert")
-    encoder_bytes = (encoder / "model.safetensors").read_bytes()
+    """The LLM's saved weights and the encoder's weights after training (in memory: training writes no encoder
+    file) equal their sources; the projector moved from the run's own start (its step-1 checkpoint, where the
+    warm-up's learning rate is still 0), which is the seeded start."""
     args = features_args(tiny_base_dir, parts, tmp_path / "run", "trainable=projector", "max_steps=3",
-                         "save_steps=3", "optimizer.lr=1e-2", f"speech_encoder.model={encoder}")  # fmt: skip
+                         "save_steps=1", "optimizer.lr=1e-2")  # fmt: skip
     recipe, code, _ = run("sft", args)
     assert code == 0
     ckpt = checkpoint(tmp_path / "run", 3)
     before, after = load_file(tiny_base_dir / "model.safetensors"), load_file(ckpt / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert (encoder / "model.safetensors").read_bytes() == encoder_bytes
-    method = recipe.method
-    s = method.settings
-    from ssi.model.methods.features import initial_projector
-
-    start = initial_projector(32, 64, s.downsample, s.hidden, seed=42)
-    trained_projector = load_file(ckpt / "speech_projector.safetensors")
-    assert all(not torch.equal(start[k], trained_projector[k]) for k in start)
+    source = SpeechEncoder(parts["hubert"], layer=2).state_dict()
+    used = recipe.method.encoder.state_dict()
+    assert used.keys() == source.keys() and all(torch.equal(used[k].cpu(), source[k]) for k in source)
+    assert not (ckpt / "speech_encoder.safetensors").exists()
+    start, end = (load_file(checkpoint(tmp_path / "run", s) / "speech_projector.safetensors") for s in (1, 3))
+    seeded = initial_projector(32, 64, recipe.method.settings.downsample, recipe.method.settings.hidden, seed=42)
+    assert all(torch.equal(start[k], seeded[k]) for k in seeded)
+    assert all(not torch.equal(start[k], end[k]) for k in start)
 
 
 def test_a_changed_encoder_is_refused_by_name(tiny_base_dir, parts, tmp_path, capsys) -> None:
@@ -190,14 +223,19 @@ def test_resume_is_bit_identical(tiny_base_dir, parts, tmp_path, trainable) -> N
 
 @pytest.mark.slow
 def test_two_ranks_equal_one(tiny_base_dir, parts, tmp_path) -> None:
-    common = ["max_steps=3", "save_steps=3", "eval_steps=3", "data.train.dataloader.batch_seconds=6"]
+    """Three real updates (no warm-up) at a learning rate whose steps are far above the tolerance; the
+    gradient norm is compared too, since Adam's update would hide a uniform scale error in the gradients."""
+    common = ["max_steps=3", "save_steps=3", "eval_steps=3", "data.train.dataloader.batch_seconds=6",
+              "lr_scheduler.num_warmup_steps=0"]  # fmt: skip
     run("sft", features_args(tiny_base_dir, parts, tmp_path / "one", *common, "gradient_accumulation_steps=2"))
     two = features_args(tiny_base_dir, parts, tmp_path / "two", *common, "gradient_accumulation_steps=1")
     done = subprocess.run(recipe_cmd("sft", two, nproc=2), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert float(a[3]["loss"]) < float(a[1]["loss"]) - 1e-2  # the updates were real
     for step in (1, 2, 3):
         assert float(a[step]["loss"]) == pytest.approx(float(b[step]["loss"]), abs=1e-4), step
+        assert float(a[step]["grad_norm"]) == pytest.approx(float(b[step]["grad_norm"]), rel=1e-4), step
     assert float(a[3]["dev_loss"]) == pytest.approx(float(b[3]["dev_loss"]), abs=1e-4)
     one, two = (load_file(checkpoint(tmp_path / r, 3) / "speech_projector.safetensors") for r in ("one", "two"))
     for name in one:
@@ -291,30 +329,42 @@ def test_one_paired_preset_serves_a_units_and_a_features_cell(tiny_extended_dir,
     ids=["lora", "trained-encoder", "whisper"],
 )
 def test_lora_a_trained_encoder_and_whisper_train_and_generate(tiny_base_dir, parts, tmp_path, variant) -> None:
+    """What each variant trains moved (the projector from its seeded start; LoRA's B matrices from zero; the
+    encoder from its source), and generation's prompt embeddings equal what the trained model writes into its
+    audio slots, so generation reads the trained projector and encoder."""
     extra = [v for v in variant if v != "whisper"]
     if "whisper" in variant:
         extra += [f"speech_encoder.model={write_tiny_whisper(tmp_path / 'whisper')}", "speech_encoder.layer=-1"]
-    args = features_args(tiny_base_dir, parts, tmp_path / "run", "max_steps=2", "save_steps=2", *extra)
-    _, code, _ = run("sft", args)
+    args = features_args(tiny_base_dir, parts, tmp_path / "run", "max_steps=3", "save_steps=3",
+                         "lr_scheduler.num_warmup_steps=0", *extra)  # fmt: skip
+    recipe, code, _ = run("sft", args)
     assert code == 0
-    ckpt = checkpoint(tmp_path / "run", 2)
+    ckpt = checkpoint(tmp_path / "run", 3)
     files = {p.name for p in ckpt.iterdir()}
-    assert {"speech_projector.safetensors", "speech_method.json", "model.safetensors"} <= files
     assert ("adapter" in files) == ("trainable=lora" in variant)
     assert ("speech_encoder.safetensors" in files) == ("speech_encoder.trainable=true" in variant)
-    if "speech_encoder.trainable=true" in variant:  # the encoder trained, and generation reads the trained one
+    s = recipe.method.settings
+    seeded = initial_projector(recipe.method.encoder.dim, 64, s.downsample, s.hidden, seed=42)
+    projector = load_file(ckpt / "speech_projector.safetensors")
+    assert all(not torch.equal(projector[k], seeded[k]) for k in seeded)
+    if "speech_encoder.trainable=true" in variant:
         trained = load_file(ckpt / "speech_encoder.safetensors")
         start = SpeechEncoder(parts["hubert"], layer=2).state_dict()
-        assert trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in trained)
+        assert trained.keys() == start.keys() and sum(not torch.equal(trained[k], start[k]) for k in trained) > 10
     if "trainable=lora" in variant:
         config = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
         assert not config.get("trainable_token_indices")  # no unit rows with features
+        adapter = load_file(ckpt / "adapter" / "adapter_model.safetensors")
+        b_matrices = [v for k, v in adapter.items() if "lora_B" in k]
+        assert b_matrices and all(bool(b.abs().sum() > 0) for b in b_matrices)  # B starts at zero
+    assert_generation_reads_the_trained_model(recipe, ckpt)
     record = generate(ckpt, "backend=torch", "sampling_params.max_tokens=8")
     assert record["n_prompts"] == 16 and record["method"] == "features"
 
 
 def test_a_second_stage_continues_the_first_stages_projector(tiny_base_dir, parts, tmp_path) -> None:
-    """projector-only, then LoRA from `model=<first run>`: the projector carries over; another layer is refused."""
+    """projector-only, then LoRA from `model=<first run>`: the projector carries over; another layer or another
+    projector shape is refused (a trained encoder carrying over: tests/test_features_trained_model.py)."""
     first = tmp_path / "projector"
     run("sft", features_args(tiny_base_dir, parts, first, "trainable=projector", "max_steps=2", "save_steps=2"))
     end_of_first = load_file(checkpoint(first, 2) / "speech_projector.safetensors")
@@ -326,4 +376,7 @@ def test_a_second_stage_continues_the_first_stages_projector(tiny_base_dir, part
         torch.testing.assert_close(start_of_second[name], tensor, rtol=0, atol=1e-9)
     with pytest.raises(RecipeError, match=r"was trained with speech_encoder.layer=2 .* this run has layer 1"):
         bad = [*second[:-1], "speech_encoder.layer=1", f"output_dir={tmp_path / 'bad'}"]
+        SpeechTrainingRecipe(make_cfg("sft", bad), "sft").setup()
+    with pytest.raises(RecipeError, match=r"projector \{.*'hidden': 64.*\}; this run has layer 2 and \{.*'hidden': 32"):
+        bad = [*second[:-1], "projector.hidden=32", f"output_dir={tmp_path / 'bad'}"]
         SpeechTrainingRecipe(make_cfg("sft", bad), "sft").setup()
