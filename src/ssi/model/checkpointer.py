@@ -6,7 +6,8 @@ torchtune's checkpointer interface (`load_checkpoint()` returns {"model": torcht
 `save_checkpoint(state_dict, epoch, step=...)`), converting weights with torchtune's `hf_to_tune` /
 `tune_to_hf` one tensor at a time, so saving needs no second copy of the model. Each save is written
 atomically to `<output_dir>/checkpoints/epoch_<E>/global_step_<S>/` with the tokenizer files, configs
-and the `ssi.json` manifest, plus a `training_state/` folder for exact resume.
+and the `ssi.json` manifest, plus a `training_state/` folder for exact resume. Weights are written in
+`save_dtype` (default: the source's), except a LoRA merge (`MergedWeights`), which keeps its own precision.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -24,7 +25,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from ssi import run_dir
-from ssi.dtypes import DtypeError, config_dtype, parse_dtype
+from ssi.dtypes import DtypeError, config_dtype, parse_dtype, short_name
 from ssi.files import atomic_output_dir, write_json
 from ssi.hf_dir import (
     MANIFEST_NAME,
@@ -61,6 +62,17 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise CheckpointError(f"max_shard_size must be positive, got {size!r}")
     return value
+
+
+class MergedWeights(dict[str, torch.Tensor]):
+    """Model weights computed by a merge (LoRA: W + scale B A, in fp32), with the dtype that holds them. In the
+    source's dtype (bf16 for a bf16 base) a delta below about 0.4% of a weight would round away, and every reader
+    of the checkpoint would compute (nearly) the base model; so the checkpointer writes them in `dtype` unless
+    `checkpointer.save_dtype` was set explicitly (docs/training.md)."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
+        super().__init__(weights)
+        self.dtype = dtype
 
 
 # --- weights on disk ----------------------------------------------------------------------------------
@@ -183,7 +195,8 @@ class SpeechCheckpointer:
     or a checkpoint of an earlier run. It must be complete (config.json, generation_config.json,
     tokenizer files, original/tokenizer.model, ssi.json, weights) and its manifest must agree with
     config.json. Checkpoints are written under `<output_dir>/checkpoints/`. `dtype` selects the
-    dtype of saved weights (default: the one config.json declares, i.e. the source's);
+    dtype of saved weights (default: the one config.json declares, i.e. the source's, or the precision a
+    `MergedWeights` state asks for);
     `max_shard_size` splits larger checkpoints into indexed shards. With `should_load_recipe_state`,
     `load_checkpoint` also returns the checkpoint's training state (torchtune's flag name). With
     `extended=False` (the features method reads a base Llama) the manifest is optional: `vocab` is None
@@ -230,6 +243,7 @@ class SpeechCheckpointer:
         try:
             self.source_dtype = config_dtype(self.config, str(self.checkpoint_dir / "config.json"))
             self.save_dtype = parse_dtype(dtype, "checkpointer.save_dtype") if dtype is not None else self.source_dtype
+            self._save_dtype_chosen = dtype is not None
         except DtypeError as err:
             raise CheckpointError(str(err)) from None
         self.max_shard_size = parse_size(max_shard_size)
@@ -308,11 +322,12 @@ class SpeechCheckpointer:
         if final.exists():
             raise CheckpointError(f"{final} already exists; checkpoints are never overwritten")
         names, tensors = self._ordered_model_tensors(state_dict[MODEL_KEY])
+        dtype = self.weights_dtype(state_dict[MODEL_KEY])
         extra = {k: v for k, v in state_dict.items() if k != MODEL_KEY}
         t0 = time.perf_counter()
         with atomic_output_dir(final) as tmp:
-            self._write_side_files(tmp)
-            nbytes, n_shards = self._write_weights(tmp, names, tensors)
+            self._write_side_files(tmp, dtype)
+            nbytes, n_shards = self._write_weights(tmp, names, tensors, dtype)
             if extra or training_state_writer is not None:
                 state_dir = run_dir.training_state_dir(tmp)
                 state_dir.mkdir()
@@ -327,12 +342,28 @@ class SpeechCheckpointer:
             "saved %s: %.2f GB of %s weights in %d file(s)%s in %.1fs",
             final,
             nbytes / 1e9,
-            dtype_name(self.save_dtype),
+            dtype_name(dtype),
             n_shards,
             " + training state" if extra or training_state_writer else "",
             time.perf_counter() - t0,
         )
         return final
+
+    def weights_dtype(self, model_state: Mapping[str, Any]) -> torch.dtype:
+        """`save_dtype`, or the more precise dtype a merge needs (`MergedWeights`) when save_dtype is the default."""
+        if not isinstance(model_state, MergedWeights):
+            return self.save_dtype
+        if torch.finfo(self.save_dtype).eps <= torch.finfo(model_state.dtype).eps:
+            return self.save_dtype
+        if self._save_dtype_chosen:
+            log.warning(
+                "checkpointer.save_dtype=%s: the merged LoRA weights lose every delta below about %.2g%% of a weight, "
+                "so generation from this checkpoint may compute (nearly) the base model; adapter/ keeps the adapters",
+                short_name(self.save_dtype),
+                100 * torch.finfo(self.save_dtype).eps / 2,
+            )
+            return self.save_dtype
+        return model_state.dtype
 
     def _ordered_model_tensors(self, model_state: dict[str, Any]) -> tuple[list[str], list[torch.Tensor]]:
         """torchtune names and tensors in HF file order, after checking names and shapes."""
@@ -358,19 +389,21 @@ class SpeechCheckpointer:
                 )
         return list(to_hf), [model_state[name] for name in to_hf]
 
-    def _write_side_files(self, out: Path) -> None:
+    def _write_side_files(self, out: Path, dtype: torch.dtype) -> None:
         for rel, data in self._side_files.items():
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             (out / rel).write_bytes(data)
-        if self.save_dtype != self.source_dtype:
+        if dtype != self.source_dtype:
             config = dict(self.config)
             dtype_keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
             for key in dtype_keys:
-                config[key] = str(self.save_dtype).removeprefix("torch.")
+                config[key] = str(dtype).removeprefix("torch.")
             write_json(out / "config.json", config)
 
-    def _write_weights(self, out: Path, names: list[str], tensors: list[torch.Tensor]) -> tuple[int, int]:
-        arch, dtype = self.architecture, self.save_dtype
+    def _write_weights(
+        self, out: Path, names: list[str], tensors: list[torch.Tensor], dtype: torch.dtype
+    ) -> tuple[int, int]:
+        arch = self.architecture
         hf_names = [self._tune_to_hf[n] for n in names]
         sizes = [t.numel() * dtype.itemsize for t in tensors]
         shards = _shard_plan(sizes, self.max_shard_size)

@@ -10,7 +10,8 @@ they apply LoRA to the MLP as a whole and we take any subset of its three projec
 The initial adapter weights come from a seeded generator on the CPU, so one process and N ranks start
 from the same adapter (A: Kaiming-uniform as in the LoRA paper's code, B: zeros, so training starts at
 the base model). `merge` folds the adapters into the weights in fp32 (W + scale B A) for the complete HF
-checkpoints; `peft_adapter` writes the same adapters (and the trainable new rows) in PEFT's format.
+checkpoints, which keep them in fp32 (ssi.model.checkpointer.MergedWeights); `peft_adapter` writes the same
+adapters (and the trainable new rows) in PEFT's format.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def adapter_names(state: dict[str, torch.Tensor]) -> list[str]:
 
 def merge(state: dict[str, torch.Tensor], settings: LoraSettings) -> dict[str, torch.Tensor]:
     """A LoRA model's state dict with every adapter folded into its weight: W + scale B A, computed in fp32
-    (the merged weight is fp32; the checkpointer casts it to the save dtype)."""
+    (the merged weight is fp32, and is saved so: in a bf16 file a small delta rounds away)."""
     out = {k: v for k, v in state.items() if k not in set(adapter_names(state))}
     for a_name in (k for k in state if k.endswith(f".{LORA_A}")):
         path = a_name.removesuffix(f".{LORA_A}")

@@ -29,6 +29,7 @@ from ssi.files import file_sha256, write_json
 from ssi.hf_dir import weight_files
 from ssi.model import lora, new_rows
 from ssi.model.architecture import LlamaArchitecture
+from ssi.model.checkpointer import MergedWeights
 
 MODES = ("full", "new_embeddings", "lora", "projector")
 ADAPTER_DIR = "adapter"  # PEFT's adapter_config.json + adapter_model.safetensors inside each LoRA checkpoint
@@ -75,7 +76,8 @@ class Trainable:
                 param.data = param.data.to(frozen_dtype)
 
     def merged(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The complete decoder weights (torchtune names) of the prepared model's state."""
+        """The complete decoder weights (torchtune names) of the prepared model's state; `MergedWeights` where
+        the model's own dtype would not hold them (ssi.model.checkpointer)."""
         return state
 
     def kept_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
@@ -161,9 +163,10 @@ class FrozenBase(Trainable):
         return name.endswith(f".{new_rows.NEW}") or name.endswith((f".{lora.LORA_A}", f".{lora.LORA_B}"))
 
     def merged(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.adapters is not None:
-            state = lora.merge(state, self.adapters)
-        return new_rows.join_rows(state)
+        if self.adapters is None:
+            return new_rows.join_rows(state)
+        # saved in fp32: the model's own dtype (bf16) would round the adapters' small deltas away
+        return MergedWeights(new_rows.join_rows(lora.merge(state, self.adapters)), torch.float32)
 
     def kept_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: tensor for name, tensor in state.items() if self.is_trained(name)}
