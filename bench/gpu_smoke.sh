@@ -8,9 +8,12 @@
 # Checks, in order: the install is the CUDA build (torch and vLLM), a 1B-shaped model extends by 5,000
 # units, CPT trains padded and packed (bf16 mixed precision; tokens/s and MFU from the run's logs),
 # trainable=new_embeddings keeps every base row bit-identical under FSDP2 (2 GPUs when present), LoRA trains
-# under FSDP2 and writes a merged checkpoint with its PEFT adapter, a resumed
-# run continues with the uninterrupted run's losses, SFT starts from the CPT checkpoint, vLLM (torch with --cpu) generates
-# and scores the test split (WER), and bench/bench_train.py --device cuda prints tokens/s, MFU and memory.
+# under FSDP2 and writes a merged checkpoint with its PEFT adapter (in fp32 on the bf16 base, so generation computes
+# what was trained) from which generation runs, a resumed run continues with the uninterrupted run's losses, SFT
+# starts from the CPT checkpoint, vLLM (torch with --cpu) generates and scores the test split (WER), the features
+# method (a random HuBERT, a spoken tone corpus; LoRA on the base Llama, the encoder trained with the projector, its
+# layer drop switched off) trains under FSDP2, generates from prompt embeddings and scores, and
+# bench/bench_train.py --device cuda prints tokens/s, MFU and memory.
 # SSI_PYTHON selects the interpreter (default: the repository's .venv/bin/python, else python).
 set -uo pipefail
 
@@ -173,6 +176,17 @@ fsdp_lora() {  # LoRA under FSDP2: a merged checkpoint and its PEFT adapter; the
     figures cpt "$WORK/lora"
 }
 check "LoRA, $NPROC rank(s)" fsdp_lora
+lora_checkpoint_generates() {  # the merge keeps LoRA's small deltas: fp32 on the bf16 base; generation reads it
+  local ckpt
+  ckpt=$(find "$WORK/lora/checkpoints" -maxdepth 2 -name "global_step_$STEPS" | head -n 1)
+  "$PY" -c 'import json, sys; d = json.load(open(sys.argv[1])); t = d.get("torch_dtype", d.get("dtype"))
+assert t == "float32", f"the merged LoRA checkpoint is {t}, not float32"' "$ckpt/config.json" &&
+    "$PY" scripts/generate.py "model=$ckpt" data=sft/synthetic "data.train.dataset.source=$WORK/corpus" \
+      "data.encoder.n_units=$N_DSUS" \
+      "gen.output_dir=$WORK/lora-generations" "backend=$BACKEND" progress=false sampling_params.max_tokens=16 \
+      +data.test.dataset.n_samples=16 | tail -n 1
+}
+check "LoRA checkpoint: fp32, generates" lora_checkpoint_generates
 HALF=$(find "$WORK/cpt-padded/checkpoints" -maxdepth 2 -name "global_step_$((STEPS / 2))" | head -n 1)
 check "resume from step $((STEPS / 2))" train cpt "$WORK/cpt-resumed" "${MODEL[@]}" "resume_from_checkpoint=$HALF"
 check "resume: same losses" same_losses "$WORK/cpt-padded" "$WORK/cpt-resumed" $((STEPS / 2 + 1)) \
@@ -193,6 +207,38 @@ print(f"WER {json.loads(wer.read_text())['wer']:.1%} on {record['n_prompts']} pr
 EOF
 }
 check "generation ($BACKEND) + WER" generate_and_score
+features_corpus() {  # a spoken corpus (each word a pair of tones) and a 6-layer random HuBERT (layerdrop 0.1)
+  "$PY" -c 'import sys; from pathlib import Path; from ssi.encode.fixtures import write_spoken_corpus as w
+w(Path(sys.argv[1]), {"train": int(sys.argv[2]), "validation": 16, "test": 32}, seconds_per_word=0.32)' \
+    "$WORK/spoken" "$N_TRAIN" &&
+    "$PY" scripts/make_tiny_encoder.py --output "$WORK/hubert" --layers 6 >/dev/null &&
+    echo "$N_TRAIN training utterances, encoder $WORK/hubert"
+}
+check "features: corpus + encoder" features_corpus
+features_sft() {  # method=features on the base Llama: LoRA + projector + the encoder trained (its layer drop on)
+  LAUNCH=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port 29519)
+  "${LAUNCH[@]}" recipes/sft.py method=features data=sft/audio_folder "data.train.dataset.source=$WORK/spoken" \
+    "model=$WORK/base" "speech_encoder.model=$WORK/hubert" speech_encoder.layer=3 speech_encoder.trainable=true \
+    trainable=lora "${SIZE[@]}" "device=$DEVICE" "dtype=$DTYPE" "data.train.dataloader.batch_size=$BATCH" \
+    data.train.dataloader.batch_seconds=null "output_dir=$WORK/features" "max_steps=$STEPS" "save_steps=$STEPS" \
+    "eval_steps=$STEPS" log_steps=1 progress=false lr_scheduler.num_warmup_steps=2 optimizer.lr=1e-3 >/dev/null &&
+    figures sft "$WORK/features"
+}
+check "features: LoRA + encoder, $NPROC rank(s)" features_sft
+features_generate() {
+  local ckpt
+  ckpt=$(find "$WORK/features/checkpoints" -maxdepth 2 -name "global_step_$STEPS" | head -n 1)
+  "$PY" scripts/generate.py "model=$ckpt" "backend=$BACKEND" progress=false sampling_params.max_tokens=16 &&
+    "$PY" - "$WORK/features/generations" <<'EOF'
+import json, sys, yaml
+from pathlib import Path
+(wer,) = Path(sys.argv[1]).rglob("wer.json")
+record = yaml.safe_load((wer.parent / "generation_config.yaml").read_text())
+print(f"WER {json.loads(wer.read_text())['wer']:.1%} on {record['n_prompts']} prompts, features in "
+      f"{record['feature_dtype']}, {record['prompt_embedding_seconds']:.1f} s of prompt embeddings")
+EOF
+}
+check "features: generation ($BACKEND)" features_generate
 if [ "$CPU" = 1 ]; then
   check "throughput table (tiny, cpu)" "$PY" bench/bench_train.py --device cpu --shape tiny --steps 3 --warmup 1 \
     --batch 2 --compile off --workdir "$WORK/bench"

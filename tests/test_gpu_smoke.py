@@ -24,13 +24,16 @@ def test_gpu_smoke_script_passes_its_cpu_checks(tmp_path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + (tmp_path / "smoke/smoke.log").read_text()[-3000:]
     lines = done.stdout.splitlines()
-    assert lines[-1].startswith("gpu_smoke: 12 passed, 0 failed, 2 skipped"), done.stdout
+    assert lines[-1].startswith("gpu_smoke: 16 passed, 0 failed, 2 skipped"), done.stdout
     for check in (
         "CPT packed",
         "new_embeddings, 2 rank(s)",
         "LoRA, 2 rank(s)",
         "resume: same losses",
         "generation (torch) + WER",
+        "LoRA checkpoint: fp32, generates",
+        "features: LoRA + encoder, 2 rank(s)",
+        "features: generation (torch)",
     ):
         assert any(line.startswith("PASS") and check in line for line in lines), (check, done.stdout)
     assert any("base rows bit-identical" in line for line in lines)
