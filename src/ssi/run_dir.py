@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "torchtune_config.yaml"
 LOGS_DIR = "logs"
 CHECKPOINTS_DIR = "checkpoints"
+# One copy per run of the weight shards that checkpoints share unchanged (a frozen base): checkpoints hard-link them.
+FROZEN_DIR = ".frozen"
 GENERATIONS_DIR = "generations"
 EVALUATIONS_DIR = "evaluations"
 TRAINING_STATE_DIR = "training_state"
@@ -79,6 +81,11 @@ def step_dirs(epoch: int, step: int) -> Path:
 
 def checkpoint_dir(run: Path, epoch: int, step: int) -> Path:
     return Path(run) / CHECKPOINTS_DIR / step_dirs(epoch, step)
+
+
+def frozen_weights_dir(run: Path) -> Path:
+    """`<run>/checkpoints/.frozen`: the weight files checkpoints share (ssi.model.checkpointer)."""
+    return Path(run) / CHECKPOINTS_DIR / FROZEN_DIR
 
 
 def generations_dir(run: Path, epoch: int, step: int, dataset: str, split: str) -> Path:

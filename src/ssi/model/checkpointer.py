@@ -8,13 +8,23 @@ torchtune's checkpointer interface (`load_checkpoint()` returns {"model": torcht
 atomically to `<output_dir>/checkpoints/epoch_<E>/global_step_<S>/` with the tokenizer files, configs
 and the `ssi.json` manifest, plus a `training_state/` folder for exact resume. Weights are written in
 `save_dtype` (default: the source's), except a LoRA merge (`MergedWeights`), which keeps its own precision.
+
+Tensors saved bit-identical to the source's (a frozen base: every LLM tensor with trainable=projector, all but
+the embedding/output with new_embeddings) go to shard files of their own, which the run keeps once in
+`<output_dir>/checkpoints/.frozen/` and every later checkpoint hard-links (a copy where linking fails), so a
+checkpoint costs disk for what was trained only and still is a complete directory (docs/run_directory.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import mmap
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,6 +42,7 @@ from ssi.hf_dir import (
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
     ModelDirError,
+    TensorEntry,
     missing_files,
     read_safetensors_header,
     weight_files,
@@ -47,6 +58,7 @@ MODEL_KEY = "model"  # torchtune.training.MODEL_KEY: the model weights inside a 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes per safetensors file, as the hub's Llama checkpoints use
 # Weight formats that would be stale next to freshly written safetensors (e.g. original/consolidated.00.pth).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_COMPARE_CHUNK = 64 << 20  # bytes compared at a time against the source's file
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -185,6 +197,33 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+def _file_id(path: Path) -> tuple[int, int, int, int]:
+    """What tells a file apart from an edited or replaced one without reading it."""
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _same_bytes(out: torch.Tensor, source: mmap.mmap, entry: TensorEntry) -> bool:
+    """Whether the contiguous CPU tensor `out` holds exactly the bytes of `entry` in the mapped source file."""
+    data = out.view(-1).view(torch.uint8).numpy()
+    if data.nbytes != entry.nbytes:
+        return False
+    for offset in range(0, data.nbytes, _COMPARE_CHUNK):
+        end = min(offset + _COMPARE_CHUNK, data.nbytes)
+        if source[entry.start + offset : entry.start + end] != data[offset:end].tobytes():
+            return False
+    return True
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link `src` as `dst`; copy it where the filesystem refuses links (another device, no link support)."""
+    try:
+        os.link(src, dst)
+    except OSError as err:
+        log.info("cannot hard-link %s (%s): copying it into %s", src, err, dst.parent)
+        shutil.copyfile(src, dst)
+
+
 # --- the checkpointer -----------------------------------------------------------------------------------
 
 
@@ -250,6 +289,13 @@ class SpeechCheckpointer:
         self.should_load_recipe_state = should_load_recipe_state
         self.progress = progress
         self._weights = _index_weights(self.checkpoint_dir, self.architecture)
+        self._entries = {
+            entry.name: entry
+            for path in set(self._weights.values())
+            for entry in read_safetensors_header(path)[0]
+            if self._weights.get(entry.name) == path
+        }
+        self._source_ids = {path: _file_id(path) for path in set(self._weights.values())}
         self._tune_to_hf = self.architecture.tune_to_hf_names()
         self._side_files = _side_files(self.checkpoint_dir)
 
@@ -327,7 +373,7 @@ class SpeechCheckpointer:
         t0 = time.perf_counter()
         with atomic_output_dir(final) as tmp:
             self._write_side_files(tmp, dtype)
-            nbytes, n_shards = self._write_weights(tmp, names, tensors, dtype)
+            nbytes, n_shards, linked, new_copies = self._write_weights(tmp, names, tensors, dtype)
             if extra or training_state_writer is not None:
                 state_dir = run_dir.training_state_dir(tmp)
                 state_dir.mkdir()
@@ -338,12 +384,15 @@ class SpeechCheckpointer:
             if files_writer is not None:
                 files_writer(tmp)
             _fsync_tree(tmp)
+        self._share(final, new_copies)
         log.info(
-            "saved %s: %.2f GB of %s weights in %d file(s)%s in %.1fs",
+            "saved %s: %.2f GB of %s weights in %d file(s), %.2f GB of them linked to the run's unchanged copy%s "
+            "in %.1fs",
             final,
             nbytes / 1e9,
             dtype_name(dtype),
             n_shards,
+            linked / 1e9,
             " + training state" if extra or training_state_writer else "",
             time.perf_counter() - t0,
         )
@@ -400,22 +449,99 @@ class SpeechCheckpointer:
                 config[key] = str(dtype).removeprefix("torch.")
             write_json(out / "config.json", config)
 
+    def _unchanged(
+        self, names: list[str], tensors: list[torch.Tensor], dtype: torch.dtype, *, all_or_none: bool
+    ) -> list[bool]:
+        """Which tensors would be written bit-identical to the source's bytes (same dtype, same values); with
+        `all_or_none` (one file, shared only whole) the first changed tensor ends the search. A source file
+        edited, replaced or deleted since it was read (a pruned start checkpoint) shares nothing."""
+        unchanged = [False] * len(names)
+        try:
+            if any(_file_id(path) != ident for path, ident in self._source_ids.items()):
+                raise FileNotFoundError("changed since it was read")
+            files = {path: open(path, "rb") for path in self._source_ids}  # noqa: SIM115 (closed below)
+        except OSError as err:
+            log.info("%s: not sharing unchanged weights with it (%s)", self.checkpoint_dir, err)
+            return unchanged
+        try:
+            maps = {path: mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) for path, f in files.items()}
+            for i, (name, tensor) in enumerate(zip(names, tensors, strict=True)):
+                hf_name = self._tune_to_hf[name]
+                entry = self._entries[hf_name]
+                if entry.dtype == dtype_name(dtype):
+                    hf = next(iter(self.architecture.tune_to_hf({name: tensor.detach()}).values()))
+                    source = maps[self._weights[hf_name]]
+                    first = hf[:1].to(device="cpu", dtype=dtype).contiguous()  # most trained tensors differ here
+                    row = TensorEntry(hf_name, entry.dtype, tuple(first.shape), entry.start, entry.start + first.nbytes)
+                    if _same_bytes(first, source, row):
+                        unchanged[i] = _same_bytes(hf.to(device="cpu", dtype=dtype).contiguous(), source, entry)
+                if all_or_none and not unchanged[i]:
+                    break
+            for m in maps.values():
+                m.close()
+        finally:
+            for f in files.values():
+                f.close()
+        return unchanged
+
+    def _store_path(self, layout: list[tuple[str, str, tuple[int, ...]]]) -> Path:
+        """The run's copy of a shard of unchanged tensors: named by its layout and the identity of the source
+        files its bytes equal, so a copy is reused only for the very same bytes."""
+        sources = sorted({self._source_ids[self._weights[name]] for name, _, _ in layout})
+        key = json.dumps({"layout": layout, "sources": sources}, separators=(",", ":")).encode()
+        assert self.output_dir is not None
+        return run_dir.frozen_weights_dir(self.output_dir) / f"{hashlib.sha256(key).hexdigest()[:32]}.safetensors"
+
     def _write_weights(
         self, out: Path, names: list[str], tensors: list[torch.Tensor], dtype: torch.dtype
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int, dict[str, Path]]:
+        """Write the shards; those of unchanged tensors are linked from the run's copy when it exists. Returns the
+        bytes of weights, the number of files, the bytes linked, and the shards the run has no copy of yet."""
         arch = self.architecture
         hf_names = [self._tune_to_hf[n] for n in names]
         sizes = [t.numel() * dtype.itemsize for t in tensors]
-        shards = _shard_plan(sizes, self.max_shard_size)
+        plan = _shard_plan(sizes, self.max_shard_size)
+        unchanged = self._unchanged(names, tensors, dtype, all_or_none=len(plan) == 1)
+        if len(plan) > 1:  # sharded anyway: unchanged tensors get shards of their own (one file stays one file)
+            groups = [[i for i in range(len(names)) if unchanged[i] == frozen] for frozen in (False, True)]
+            plan = [
+                [g[j] for j in s] for g in groups if g for s in _shard_plan([sizes[i] for i in g], self.max_shard_size)
+            ]
+        shards = [(group, all(unchanged[i] for i in group)) for group in plan]
         total = sum(sizes)
+        linked = 0
+        new_copies: dict[str, Path] = {}
         with tqdm(total=total, unit="B", unit_scale=True, desc="saving checkpoint", disable=not self.progress) as bar:
             writer = _tensor_writer(names, tensors, arch, dtype, bar)
             weight_map = {}
-            for k, group in enumerate(shards, start=1):
+            for k, (group, frozen) in enumerate(shards, start=1):
                 filename = SAFETENSORS_SINGLE if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
                 layout = [(hf_names[i], dtype_name(dtype), tuple(tensors[i].shape)) for i in group]
-                write_safetensors(out / filename, layout, lambda j, f, group=group: writer(group[j], f))
                 weight_map |= {hf_names[i]: filename for i in group}
+                store = self._store_path(layout) if frozen else None
+                if store is not None and store.is_file():
+                    _link_or_copy(store, out / filename)
+                    linked += sum(sizes[i] for i in group)
+                    bar.update(sum(sizes[i] for i in group))
+                    continue
+                write_safetensors(out / filename, layout, lambda j, f, group=group: writer(group[j], f))
+                if store is not None:
+                    new_copies[filename] = store
         if len(shards) > 1:
             write_json(out / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        return total, len(shards)
+        return total, len(shards), linked, new_copies
+
+    def _share(self, checkpoint: Path, new_copies: dict[str, Path]) -> None:
+        """Keep the unchanged shards of a checkpoint now complete as the run's copy (a hard link, so pruning
+        the checkpoint leaves it). Linked only once the checkpoint is in place: a failed save leaves no copy."""
+        for filename, store in new_copies.items():
+            store.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(checkpoint / filename, store)
+            except FileExistsError:
+                pass
+            except OSError as err:
+                log.info("cannot hard-link %s into %s (%s): later checkpoints write it again", filename, store, err)
+                continue
+            with contextlib.suppress(OSError):  # read-only: a write into one checkpoint's file would change them all
+                os.chmod(store, 0o444)
