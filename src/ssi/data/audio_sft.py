@@ -5,54 +5,28 @@ transcript, labels -100 on the prompt), read from every source `scripts/encode_a
 `save_to_disk` folder, data files, audiofolder) with the same decoding and resampling. The utterance's audio
 is one non-text part of the user turn, written as `AUDIO_SLOT` positions, one per projector output: no token
 marks it, because a base Llama has no speech tokens and the slots are filled with projected features, never
-looked up; the chat header before and the end-of-turn after bound it. Every row's audio header is read when
-the split is built, so an unreadable or empty file is refused naming its id before training starts, and the
-durations batch the split by seconds (ssi.train.sampler.SecondsBatchSampler).
+looked up; the chat header before and the end-of-turn after bound it. Every row's duration is known when the
+split is built (ssi.data.durations: its header, read once per corpus and kept in a manifest), so an unreadable or
+empty file is refused naming its id before training starts, and the durations batch the split by seconds
+(ssi.train.sampler.SecondsBatchSampler).
 """
 
 from __future__ import annotations
 
-import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import soundfile
 import torch
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
-from tqdm import tqdm
 
 from ssi.data.sft import SFTOptions
 from ssi.data.sources import DataValidationError
-from ssi.encode.audio import AudioError, AudioRef, decode_audio
+from ssi.encode.audio import AudioError, decode_audio
 from ssi.encode.sources import AudioColumns, AudioSource
 from ssi.model.speech_encoder import AudioSlots
 from ssi.vocab.tiktoken import AUDIO_SLOT, SpeechLlama3Tokenizer
-
-
-def audio_seconds(ref: AudioRef) -> float:
-    """An utterance's duration from its file header alone (no decoding)."""
-    info = soundfile.info(io.BytesIO(ref.data) if ref.data is not None else ref.path)
-    return info.frames / info.samplerate
-
-
-def read_durations(source: AudioSource, rows: Sequence[int], progress: bool = False) -> list[float]:
-    """Seconds of audio of each of `rows`, from the file headers; an unreadable or empty row is refused
-    naming its id."""
-    durations = []
-    for start in tqdm(range(0, len(rows), 256), desc=f"reading audio headers of {source.name}", disable=not progress):
-        for row in source.rows(rows[start : start + 256]):
-            try:
-                seconds = audio_seconds(row.audio)
-            except (soundfile.LibsndfileError, RuntimeError, OSError, TypeError) as err:
-                raise DataValidationError(
-                    f"{source.name}: sample {row.id!r}: cannot read {row.audio.describe()}: {err}"
-                ) from None
-            if seconds <= 0:
-                raise DataValidationError(f"{source.name}: sample {row.id!r}: {row.audio.describe()} is empty")
-            durations.append(seconds)
-    return durations
 
 
 class AudioSFTDataset(torch.utils.data.Dataset):

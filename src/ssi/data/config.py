@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from ssi.data.audio_sft import AudioSFTDataset, audio_columns, read_durations
+from ssi.data.audio_sft import AudioSFTDataset, audio_columns
 from ssi.data.cpt import CPTDataset, CPTOptions, SpanSampler
+from ssi.data.durations import duration_cache_dir, read_durations
 from ssi.data.encoded import MANIFEST_NAME, folder_encoder
 from ssi.data.holdout import HoldOut
 from ssi.data.sft import SFTDataset, SFTOptions
@@ -272,7 +273,8 @@ def _build_audio(
     if where.holdout is not None:
         kept = where.holdout.rows([source.ids[row] for row in rows], where.held_out, source.name)
         rows = [rows[k] for k in kept]
-    durations = read_durations(source, rows, progress=bool(cfg.get("progress", False)))
+    cache = duration_cache_dir(cfg.get("duration_cache"))
+    durations = read_durations(source, rows, cache, progress=bool(cfg.get("progress", False)))
     dataset = AudioSFTDataset(source, rows, durations, tokenizer, sft_options_from_config(cfg), slots, inference)
     report = ValidationReport(source=source.name, n_rows=len(rows))
     return BuiltSplit(dataset, report, None)
