@@ -1,4 +1,6 @@
-"""The checkpointer that reads and writes complete HF model directories for training.
+"""The checkpointer that reads and writes complete HF model directories for training. One idea: a training
+checkpoint on disk, read and written as HF weights (including which of its weight files it can share with the
+run's other checkpoints instead of writing them again).
 
 Training runs on torchtune's `TransformerDecoder`, but every checkpoint must stay a complete HF model
 directory (docs/run_directory.md) that transformers and vLLM load as is. `SpeechCheckpointer` follows
