@@ -30,10 +30,12 @@ cd "$REPO" || exit 2
 if [ "$CPU" = 1 ]; then
   DEVICE=cpu DTYPE=fp32 SHAPE=custom N_DSUS=300 STEPS=8 BATCH=4 NGPU=0 N_TRAIN=400  # 8 steps x 4 use 32 of them
   SEQ_LEN=1024 WORDS=(--min_words 10 --max_words 25) BACKEND=torch  # vLLM's CPU build has tests of its own
+  N_SPOKEN=(64 16)  # spoken utterances for the features method: training (8 steps x 4 use 32), test
   SIZE=(size=tiny)
 else
   DEVICE=cuda DTYPE=bf16 SHAPE=llama3.2-1b N_DSUS=5000 STEPS=20 BATCH=8 N_TRAIN=2000 SEQ_LEN=2048 BACKEND=vllm
   WORDS=(--min_words 25 --max_words 55)  # MLS-like: ~8-20 s at 50 Hz
+  N_SPOKEN=("$N_TRAIN" 64)
   NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
   SIZE=(size=llama3_2_1b)
 fi
@@ -209,10 +211,10 @@ EOF
 check "generation ($BACKEND) + WER" generate_and_score
 features_corpus() {  # a spoken corpus (each word a pair of tones) and a 6-layer random HuBERT (layerdrop 0.1)
   "$PY" -c 'import sys; from pathlib import Path; from ssi.encode.fixtures import write_spoken_corpus as w
-w(Path(sys.argv[1]), {"train": int(sys.argv[2]), "validation": 16, "test": 32}, seconds_per_word=0.32)' \
-    "$WORK/spoken" "$N_TRAIN" &&
+w(Path(sys.argv[1]), {"train": int(sys.argv[2]), "validation": 16, "test": int(sys.argv[3])}, seconds_per_word=0.32)' \
+    "$WORK/spoken" "${N_SPOKEN[@]}" &&
     "$PY" scripts/make_tiny_encoder.py --output "$WORK/hubert" --layers 6 >/dev/null &&
-    echo "$N_TRAIN training utterances, encoder $WORK/hubert"
+    echo "${N_SPOKEN[0]} training and ${N_SPOKEN[1]} test utterances, encoder $WORK/hubert"
 }
 check "features: corpus + encoder" features_corpus
 features_sft() {  # method=features on the base Llama: LoRA + projector + the encoder trained (its layer drop on)
